@@ -1,0 +1,45 @@
+# The README's commands. Everything runs from a virtualenv in .venv that the
+# first target to need it creates (a fresh machine needs only python3 and make).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint typecheck unit bench bench-quick dashboards clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## The main job: the demo app instrumented by SigTrace, serving /metrics.
+demo: $(STAMP)
+	$(BIN)/python -m examples.demo
+
+## The whole test suite: lint, strict typing, then pytest.
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check sigtrace tests benchmarks examples grafana
+	$(BIN)/ruff format --check sigtrace
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict sigtrace
+
+unit: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## Benchmarks: per-send and per-request, side by side with the peers.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+## Regenerate the Grafana dashboards from grafana/generate.py.
+dashboards: $(STAMP)
+	$(BIN)/python -m grafana.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

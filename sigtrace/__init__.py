@@ -1,0 +1,22 @@
+"""sigtrace: OpenTelemetry spans and Prometheus metrics for every blinker signal.
+
+``SigTrace(app)`` instruments a Flask app; :func:`instrument` /
+:func:`uninstrument` instrument blinker process-wide without Flask.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import ConfigError
+from .dispatch import instrument, is_instrumented, uninstrument
+from .extension import SigTrace
+
+__all__ = [
+    "ConfigError",
+    "SigTrace",
+    "__version__",
+    "instrument",
+    "is_instrumented",
+    "uninstrument",
+]

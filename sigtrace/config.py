@@ -1,0 +1,204 @@
+"""Settings from ``app.config`` and the environment, validated once at init_app.
+
+Each key is read from ``app.config`` first, then from an environment variable
+of the same name, then its default. A wrong type or value raises
+:class:`ConfigError` naming the key, the value and what is expected; an
+unknown ``SIGTRACE_*`` key (a typo) raises too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing as t
+from collections.abc import Callable, Mapping
+
+from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
+from .tracing import SPAN_MODES
+
+__all__ = ["ConfigError", "KEYS", "Settings", "load_settings"]
+
+
+class ConfigError(ValueError):
+    """A sigtrace setting has a wrong type or value, or an unknown key was given."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise TypeError("a boolean (true/false, 1/0, yes/no, on/off)")
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise TypeError("a URL path starting with '/', or '' to disable the route")
+    return value
+
+
+def _port(value: object) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise TypeError("a TCP port number from 0 to 65535")
+    try:
+        port = int(t.cast(t.Any, value))
+    except (TypeError, ValueError):
+        raise TypeError("a TCP port number from 0 to 65535") from None
+    if not 0 <= port <= 65535 or (isinstance(value, float) and value != port):
+        raise TypeError("a TCP port number from 0 to 65535")
+    return port
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("a non-empty string")
+    return value.strip()
+
+
+def _optional_text(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    return _text(value)
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    else:
+        raise TypeError("a comma-separated string or a list of strings")
+    if not all(isinstance(item, str) for item in items):
+        raise TypeError("a comma-separated string or a list of strings")
+    return tuple(item for item in items if item)
+
+
+def _buckets(value: object) -> tuple[float, ...]:
+    expected = "a non-empty increasing list of positive finite numbers (seconds)"
+    raw: list[object]
+    if isinstance(value, str):
+        raw = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple)):
+        raw = list(value)
+    else:
+        raise TypeError(expected)
+    try:
+        bounds = [float(t.cast(t.Any, item)) for item in raw if not isinstance(item, bool)]
+    except (TypeError, ValueError):
+        raise TypeError(expected) from None
+    if (
+        not bounds
+        or len(bounds) != len(raw)
+        or any(not math.isfinite(b) or b <= 0 for b in bounds)
+        or any(b >= c for b, c in zip(bounds, bounds[1:]))
+    ):
+        raise TypeError(expected)
+    return tuple(bounds)
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a whole number of at least 1")
+    try:
+        number = int(t.cast(t.Any, value))
+    except (TypeError, ValueError):
+        raise TypeError("a whole number of at least 1") from None
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise TypeError("a whole number of at least 1")
+    return number
+
+
+def _span_mode(value: object) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in SPAN_MODES:
+        raise TypeError("one of " + ", ".join(repr(m) for m in SPAN_MODES))
+    return value.strip().lower()
+
+
+class _Key(t.NamedTuple):
+    parse: Callable[[object], t.Any]
+    default: object
+    doc: str
+
+
+KEYS: dict[str, _Key] = {
+    "SIGTRACE_METRICS": _Key(_bool, True, "record Prometheus metrics"),
+    "SIGTRACE_TRACING": _Key(_bool, True, "make OpenTelemetry spans"),
+    "SIGTRACE_METRICS_PATH": _Key(_path, "/metrics", "route serving metrics; '' disables it"),
+    "SIGTRACE_METRICS_PORT": _Key(_port, None, "port of a separate exposition server"),
+    "SIGTRACE_METRICS_ADDR": _Key(_text, "127.0.0.1", "address that server binds"),
+    "SIGTRACE_METRICS_TOKEN": _Key(_optional_text, None, "bearer token the route requires"),
+    "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, none"),
+    "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
+    "SIGTRACE_INCLUDE_SIGNALS": _Key(_names, (), "only these signal name patterns"),
+    "SIGTRACE_EXCLUDE_SIGNALS": _Key(_names, (), "never these signal name patterns"),
+    "SIGTRACE_EXCLUDED_PATHS": _Key(_names, (), "request path patterns not timed"),
+    "SIGTRACE_RECORD_KWARGS": _Key(_names, (), "signal kwargs keys recorded on spans"),
+    "SIGTRACE_BUCKETS": _Key(_buckets, DEFAULT_BUCKETS, "histogram bucket bounds, seconds"),
+    "SIGTRACE_MAX_LABEL_VALUES": _Key(
+        _positive_int, DEFAULT_MAX_LABEL_VALUES, "distinct values per label"
+    ),
+    "SIGTRACE_OTLP_ENDPOINT": _Key(_optional_text, None, "OTLP endpoint (else OTEL_*)"),
+    "SIGTRACE_CONSOLE_SPANS": _Key(_bool, False, "print spans when no endpoint is set"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings of one app."""
+
+    metrics: bool = True
+    tracing: bool = True
+    metrics_path: str = "/metrics"
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    metrics_token: str | None = None
+    spans: str = "all"
+    root_spans: bool = False
+    include_signals: tuple[str, ...] = ()
+    exclude_signals: tuple[str, ...] = ()
+    excluded_paths: tuple[str, ...] = ()
+    record_kwargs: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    max_label_values: int = DEFAULT_MAX_LABEL_VALUES
+    otlp_endpoint: str | None = None
+    console_spans: bool = False
+
+
+def load_settings(
+    config: Mapping[str, t.Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate every sigtrace key; raise :class:`ConfigError` on the first bad one."""
+    environ = os.environ if environ is None else environ
+    for source, where in ((config, "app.config"), (environ, "the environment")):
+        for key in source:
+            if key.startswith("SIGTRACE_") and key not in KEYS:
+                close = difflib.get_close_matches(key, KEYS, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(
+                    f"unknown sigtrace setting {key} in {where}{hint} "
+                    f"(known: {', '.join(sorted(KEYS))})"
+                )
+    values: dict[str, t.Any] = {}
+    for key, spec in KEYS.items():
+        if key in config:
+            raw, where = config[key], "app.config"
+        elif key in environ:
+            raw, where = environ[key], "the environment"
+        else:
+            values[key.removeprefix("SIGTRACE_").lower()] = spec.default
+            continue
+        try:
+            values[key.removeprefix("SIGTRACE_").lower()] = spec.parse(raw)
+        except TypeError as expected:
+            raise ConfigError(
+                f"{key}={raw!r} (from {where}) is invalid: expected {expected}"
+            ) from None
+    return Settings(**values)

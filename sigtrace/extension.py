@@ -1,0 +1,307 @@
+"""``SigTrace``: the Flask extension (config, request lifecycle, /metrics, CLI).
+
+Request timing runs as sigtrace hooks around Flask's own signals (see
+:class:`sigtrace.dispatch.Hooks`), not as receivers, so it never shows up among
+the user's receivers and costs no receiver bookkeeping:
+
+* ``request_started`` (before its receivers): start the clock, and the SERVER
+  span unless a recording span is already current or
+  opentelemetry-instrumentation-flask will make one;
+* ``got_request_exception`` (before): count the exception, mark the span;
+* ``request_finished`` (after): record the request, end the span;
+* ``request_tearing_down`` (before): the fallback for requests that never
+  reached ``request_finished`` (unhandled exception with
+  ``PROPAGATE_EXCEPTIONS``): recorded once, with status 500.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import threading
+import typing as t
+from time import perf_counter
+
+import flask
+from flask import signals as flask_signals
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+)
+from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
+
+from . import dispatch, tracing
+from .config import ConfigError, Settings, load_settings
+from .metrics import MetricSet, metric_set
+from .naming import clean_label
+
+__all__ = ["SigTrace", "UNMATCHED_ENDPOINT"]
+
+UNMATCHED_ENDPOINT = "<unmatched>"
+"""Endpoint label of requests no route matched (404, 405 before routing)."""
+
+_KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+_ENVIRON_KEY = "sigtrace.request"
+_METRICS_ENDPOINT = "sigtrace_metrics"
+
+
+class _AppState:
+    """What one app's request hooks need, computed at init_app."""
+
+    def __init__(self, ext: SigTrace, settings: Settings, metrics: MetricSet | None) -> None:
+        self.ext = ext
+        self.settings = settings
+        self.metrics = metrics
+        self.tracer = tracing.get_tracer(ext.tracer_provider) if settings.tracing else None
+        self.excluded_paths = tuple(settings.excluded_paths) + (
+            (settings.metrics_path,) if settings.metrics_path else ()
+        )
+        self.durations: dict[tuple[str, str, str], t.Any] = {}
+
+
+class _Request:
+    """One request in flight, kept in its WSGI environ."""
+
+    __slots__ = ("state", "method", "endpoint", "started", "span", "token", "exception")
+
+    def __init__(self, state: _AppState, method: str, endpoint: str) -> None:
+        self.state = state
+        self.method = method
+        self.endpoint = endpoint
+        self.span: trace.Span | None = None
+        self.token: object = None
+        self.exception: BaseException | None = None
+        self.started = perf_counter()
+
+    def finish(self, status: int) -> None:
+        """Record the request and end its span: called exactly once."""
+        elapsed = perf_counter() - self.started
+        span = self.span
+        exemplar = None
+        if span is not None:
+            context = span.get_span_context()
+            if context.trace_flags.sampled:
+                exemplar = {"trace_id": format(context.trace_id, "032x")}
+        metrics = self.state.metrics
+        if metrics is not None:
+            key = (self.method, self.endpoint, str(status))
+            child = self.state.durations.get(key)
+            if child is None:
+                child = self.state.durations[key] = metrics.http_duration.child(*key)
+            child.observe(elapsed, exemplar)
+        if span is not None:
+            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+            if status >= 500:
+                if self.exception is not None:
+                    span.set_attribute(ERROR_TYPE, tracing.qualified_class_name(self.exception))
+                else:
+                    span.set_attribute(ERROR_TYPE, str(status))
+                    span.set_status(Status(StatusCode.ERROR))
+            otel_context.detach(self.token)
+            span.end()
+
+
+def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
+    state: _AppState | None = app.extensions.get("sigtrace")
+    if state is None:
+        return
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    if state.excluded_paths and any(
+        fnmatch.fnmatchcase(request.path, p) for p in state.excluded_paths
+    ):
+        return
+    method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
+    rule = request.url_rule
+    endpoint = clean_label(rule.endpoint) if rule is not None else UNMATCHED_ENDPOINT
+    record = _Request(state, method, endpoint)
+    request.environ[_ENVIRON_KEY] = record
+    if state.tracer is None or trace.get_current_span().is_recording():
+        return  # no tracing, or nested under the caller's span
+    if getattr(app, "_is_instrumented_by_opentelemetry", False):
+        return  # opentelemetry-instrumentation-flask makes the server span
+    parent = propagate.extract(request.headers)
+    route = rule.rule if rule is not None else None
+    attributes: dict[str, t.Any] = {
+        HTTP_REQUEST_METHOD: method,
+        URL_PATH: request.path,
+        URL_SCHEME: request.scheme,
+    }
+    if route is not None:
+        attributes[HTTP_ROUTE] = route
+    span = state.tracer.start_span(
+        f"{method} {route}" if route is not None else method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
+    record.span = span
+    record.token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+
+def _on_request_finished(app: t.Any, kwargs: dict[str, t.Any]) -> None:
+    record = _pop_record()
+    if record is not None:
+        response = kwargs.get("response")
+        record.finish(getattr(response, "status_code", 200))
+
+
+def _on_got_request_exception(app: t.Any, kwargs: dict[str, t.Any]) -> None:
+    exception = kwargs.get("exception")
+    if not isinstance(exception, BaseException):
+        return
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    record: _Request | None = request.environ.get(_ENVIRON_KEY)
+    if record is None:
+        return
+    record.exception = exception
+    metrics = record.state.metrics
+    if metrics is not None:
+        metrics.http_exceptions.child(
+            record.method, record.endpoint, clean_label(type(exception).__name__)
+        ).inc()
+    if record.span is not None:
+        tracing.mark_error(record.span, exception)
+
+
+def _on_request_tearing_down(app: t.Any, kwargs: dict[str, t.Any]) -> None:
+    record = _pop_record()
+    if record is not None:  # request_finished never came: an unhandled exception
+        record.finish(500)
+
+
+def _pop_record() -> _Request | None:
+    if not flask.has_request_context():
+        return None
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    record: _Request | None = request.environ.pop(_ENVIRON_KEY, None)
+    return record
+
+
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_request_hooks() -> None:
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        dispatch.set_hooks(flask_signals.request_started, dispatch.Hooks(before=_on_request_started))
+        dispatch.set_hooks(flask_signals.request_finished, dispatch.Hooks(after=_on_request_finished))
+        dispatch.set_hooks(
+            flask_signals.got_request_exception, dispatch.Hooks(before=_on_got_request_exception)
+        )
+        dispatch.set_hooks(
+            flask_signals.request_tearing_down, dispatch.Hooks(before=_on_request_tearing_down)
+        )
+        _hooks_installed = True
+
+
+MetricsAuth = t.Callable[[flask.Request], bool]
+
+
+class SigTrace:
+    """Observe a Flask app's signals, requests and exceptions.
+
+    ``SigTrace(app)``, or ``SigTrace()`` then :meth:`init_app` in an app
+    factory. Settings come from ``app.config`` / the environment (see the
+    README); the state is ``app.extensions["sigtrace"]``.
+
+    :param registry: Prometheus registry for all metrics (default: the global one).
+    :param tracer_provider: OpenTelemetry provider (default: the global one; when
+        none is configured and an OTLP endpoint is, sigtrace sets up the SDK).
+    :param metrics_auth: ``check(request) -> bool`` guarding the metrics route.
+    """
+
+    def __init__(
+        self,
+        app: flask.Flask | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        metrics_auth: MetricsAuth | None = None,
+    ) -> None:
+        self.registry = registry
+        self.tracer_provider = tracer_provider
+        self.metrics_auth = metrics_auth
+        self._apps: list[flask.Flask] = []
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: flask.Flask) -> None:
+        """Validate the settings and instrument ``app`` (and every blinker signal)."""
+        if "sigtrace" in app.extensions:
+            raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
+        settings = load_settings(app.config)
+        dispatch.instrument(
+            self.registry,
+            self.tracer_provider,
+            metrics=settings.metrics,
+            tracing_enabled=settings.tracing,
+            spans=t.cast(tracing.SpanMode, settings.spans),
+            root_spans=settings.root_spans,
+            include=settings.include_signals,
+            exclude=settings.exclude_signals,
+            record_kwargs=settings.record_kwargs,
+            buckets=settings.buckets,
+            max_label_values=settings.max_label_values,
+        )
+        metrics = None
+        if settings.metrics:
+            metrics = dispatch.active_metrics() or metric_set(
+                self.registry, settings.buckets, settings.max_label_values
+            )
+        if settings.tracing and self.tracer_provider is None:
+            _setup_exporter(app, settings)
+        app.extensions["sigtrace"] = _AppState(self, settings, metrics)
+        _install_request_hooks()
+        if settings.metrics and settings.metrics_path:
+            app.add_url_rule(
+                settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]
+            )
+        if settings.metrics and settings.metrics_port is not None:
+            from .exposition import start_server
+
+            start_server(settings.metrics_port, settings.metrics_addr, self.registry)
+        from .cli import sigtrace_cli
+
+        app.cli.add_command(sigtrace_cli)
+        self._apps.append(app)
+
+    def _metrics_view(self) -> flask.Response:
+        state: _AppState = flask.current_app.extensions["sigtrace"]
+        request = flask.request
+        token = state.settings.metrics_token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return flask.Response("unauthorized\n", 401, {"WWW-Authenticate": "Bearer"})
+        if self.metrics_auth is not None and not self.metrics_auth(request._get_current_object()):  # type: ignore[attr-defined]
+            return flask.Response("forbidden\n", 403)
+        from .exposition import render
+
+        body, content_type = render(self.registry, request.headers.get("Accept", ""))
+        return flask.Response(body, 200, {"Content-Type": content_type})
+
+    def close(self) -> None:
+        """Undo this extension's instrumentation (tests, app shutdown)."""
+        for app in self._apps:
+            app.extensions.pop("sigtrace", None)
+            dispatch.uninstrument()
+        self._apps.clear()
+
+
+def _setup_exporter(app: flask.Flask, settings: Settings) -> None:
+    if tracing.otlp_endpoint_configured(settings.otlp_endpoint):
+        tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
+    elif settings.console_spans:
+        tracing.setup_sdk(app.name, console=True)
+

@@ -1,0 +1,201 @@
+"""Signal and receiver names: cached, bounded, never raising.
+
+Names become Prometheus label values and span attributes, so they must be
+cheap to get on every send, stable across processes and free of memory
+addresses. Everything here is defensive: a receiver whose attributes raise or
+lie (mocks, proxies, C callables) gets a fallback name, never an exception.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import types
+import typing as t
+import weakref
+
+from blinker import NamedSignal, Signal
+
+__all__ = [
+    "ANONYMOUS_SIGNAL",
+    "EMPTY_NAME",
+    "MAX_NAME_LENGTH",
+    "UNKNOWN_RECEIVER",
+    "ReceiverInfo",
+    "clean_label",
+    "receiver_info",
+    "signal_name",
+]
+
+ANONYMOUS_SIGNAL = "anonymous"
+"""Name of an anonymous ``Signal()`` whose owner could not be found cheaply."""
+
+UNKNOWN_RECEIVER = "unknown"
+"""Name of a receiver whose module and qualified name could not be read."""
+
+EMPTY_NAME = "_empty_"
+"""Stands for an empty signal name: an empty label value means "no label"."""
+
+MAX_NAME_LENGTH = 200
+"""Names longer than this are cut, so one odd name cannot bloat every scrape."""
+
+_MAX_UNWRAP = 8  # partial(partial(...)) depth followed before giving up
+
+
+def clean_label(value: str) -> str:
+    """Return ``value`` bounded in length, without control characters, never empty."""
+    if not value:
+        return EMPTY_NAME
+    if len(value) > MAX_NAME_LENGTH:
+        value = value[:MAX_NAME_LENGTH]
+    if not value.isprintable():
+        value = "".join(ch if ch.isprintable() else "?" for ch in value)
+    return value
+
+
+class ReceiverInfo:
+    """What the traced send needs to know about one receiver, computed once."""
+
+    __slots__ = ("name", "is_coroutine", "__weakref__")
+
+    def __init__(self, name: str, is_coroutine: bool) -> None:
+        self.name = name
+        self.is_coroutine = is_coroutine
+
+
+# id(identity object) -> ReceiverInfo. Entries are removed by a weakref callback
+# when the identity object dies, before its id can be reused; objects that
+# cannot be weakly referenced are never cached (their info is recomputed).
+_receiver_cache: dict[int, ReceiverInfo] = {}
+_receiver_refs: dict[int, weakref.ref[t.Any]] = {}
+_cache_lock = threading.Lock()
+
+
+def _identity(receiver: t.Any) -> t.Any:
+    """The object a receiver's name depends on: a bound method's function.
+
+    blinker yields a fresh bound method object on every send for weakly
+    connected methods, so caching by the method itself would never hit.
+    """
+    if type(receiver) is types.MethodType:
+        return receiver.__func__
+    return receiver
+
+
+def receiver_info(receiver: t.Any) -> ReceiverInfo:
+    """Return the cached :class:`ReceiverInfo` for ``receiver``; never raises."""
+    key = _identity(receiver)
+    info = _receiver_cache.get(id(key))
+    if info is not None:
+        return info
+    info = ReceiverInfo(receiver_name(receiver), _is_coroutine(receiver))
+    _remember(key, info)
+    return info
+
+
+def _remember(key: t.Any, info: ReceiverInfo) -> None:
+    key_id = id(key)
+
+    def forget(_ref: weakref.ref[t.Any], key_id: int = key_id) -> None:
+        _receiver_cache.pop(key_id, None)
+        _receiver_refs.pop(key_id, None)
+
+    try:
+        ref = weakref.ref(key, forget)
+    except TypeError:
+        return  # not weakly referenceable: an id could be reused, so no cache
+    with _cache_lock:
+        _receiver_refs[key_id] = ref
+        _receiver_cache[key_id] = info
+
+
+def _is_coroutine(receiver: t.Any) -> bool:
+    # blinker's own test, evaluated once per receiver instead of once per send.
+    from inspect import iscoroutinefunction
+
+    try:
+        return iscoroutinefunction(receiver)
+    except Exception:  # pragma: no cover - a callable whose attributes raise
+        return False
+
+
+def receiver_name(receiver: t.Any) -> str:
+    """``module.qualname`` of the code a receiver runs; a fallback on any failure."""
+    try:
+        return clean_label(_qualified_name(receiver, 0))
+    except Exception:
+        return UNKNOWN_RECEIVER
+
+
+def _qualified_name(obj: t.Any, depth: int) -> str:
+    kind = type(obj)
+    if kind is types.MethodType:
+        return _qualified_name(obj.__func__, depth)
+    if kind is functools.partial or isinstance(obj, functools.partial):
+        if depth >= _MAX_UNWRAP:
+            return UNKNOWN_RECEIVER
+        return _qualified_name(obj.func, depth + 1)
+    if kind is types.FunctionType:
+        return _join(obj.__module__, obj.__qualname__)
+    if kind is types.BuiltinFunctionType or kind is types.BuiltinMethodType:
+        module = obj.__module__
+        owner = getattr(obj, "__self__", None)
+        if module is None and owner is not None and not isinstance(owner, types.ModuleType):
+            module = type(owner).__module__
+        return _join(module, obj.__qualname__)
+    # Callable objects, mocks and anything odd: read the *type's* attributes,
+    # which are plain strings even when the instance fabricates attributes.
+    return _join(kind.__module__, kind.__qualname__) + ".__call__"
+
+
+def _join(module: object, qualname: object) -> str:
+    if not isinstance(qualname, str) or not qualname:
+        return UNKNOWN_RECEIVER
+    if isinstance(module, str) and module:
+        return f"{module}.{qualname}"
+    return qualname
+
+
+def signal_name(signal: Signal, sender: t.Any = None) -> str:
+    """Label for ``signal``: blinker's name, or the attribute an anonymous one sits in.
+
+    For an anonymous signal the owner is looked for, once, where it is cheap to
+    look: the sender's class hierarchy (``Processor.on_ready.send(self)``), then
+    the calling frame's ``self``/``cls`` and module globals. The first hit gives
+    ``module.Class.attr`` or ``module.attr``; otherwise :data:`ANONYMOUS_SIGNAL`.
+    """
+    try:
+        if isinstance(signal, NamedSignal) and isinstance(signal.name, str):
+            return clean_label(signal.name)
+        found = _owner_attribute(signal, sender)
+        return clean_label(found) if found else ANONYMOUS_SIGNAL
+    except Exception:
+        return ANONYMOUS_SIGNAL
+
+
+def _owner_attribute(signal: Signal, sender: t.Any) -> str | None:
+    candidates: list[t.Any] = []
+    if sender is not None:
+        candidates.append(sender)
+    frame = sys._getframe(1)
+    # Walk out of sigtrace's and blinker's own frames to the sender's code.
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("sigtrace.", "blinker")
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is not None:
+        for local in ("self", "cls"):
+            if local in frame.f_locals:
+                candidates.append(frame.f_locals[local])
+    for candidate in candidates:
+        owner = candidate if isinstance(candidate, type) else type(candidate)
+        for klass in owner.__mro__:
+            for attr, value in vars(klass).items():
+                if value is signal:
+                    return f"{klass.__module__}.{klass.__qualname__}.{attr}"
+    if frame is not None:
+        for attr, value in frame.f_globals.items():
+            if value is signal:
+                return f"{frame.f_globals.get('__name__', '')}.{attr}"
+    return None

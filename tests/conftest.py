@@ -1,0 +1,75 @@
+"""Shared fixtures: a fresh registry and instrumentation per test, real components."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import typing as t
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+import sigtrace
+from sigtrace import dispatch
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, fail under STRICT_REAL_COMPONENTS."""
+    path = shutil.which(name)
+    if path is None:
+        message = (
+            f"{name} is not installed: install Debian's package "
+            "(apt-get install --no-install-recommends prometheus docker-compose)"
+        )
+        if os.environ.get("STRICT_REAL_COMPONENTS"):
+            pytest.fail(message + " [STRICT_REAL_COMPONENTS is set, so this cannot skip]")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def registry() -> Iterator[CollectorRegistry]:
+    """A fresh registry with sigtrace instrumented into it for the test."""
+    while dispatch.is_instrumented():
+        dispatch.uninstrument()
+    reg = CollectorRegistry()
+    yield reg
+    while dispatch.is_instrumented():
+        dispatch.uninstrument()
+
+
+@pytest.fixture
+def instrumented(registry: CollectorRegistry) -> Iterator[CollectorRegistry]:
+    sigtrace.instrument(registry=registry)
+    yield registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    """The value of one sample (by full sample name and exact labels), or None."""
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None
+
+
+def samples_from_text(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of a Prometheus text exposition, keyed by name and sorted labels."""
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
+    """Label sets of every sample named ``name``."""
+    return [
+        dict(s.labels) for family in registry.collect() for s in family.samples if s.name == name
+    ]
+
+
+__all__: list[str] = ["require_tool", "sample", "samples_from_text", "series"]
+_ = t
