@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import typing as t
@@ -98,7 +99,7 @@ def _buckets(value: object) -> tuple[float, ...]:
         not bounds
         or len(bounds) != len(raw)
         or any(not math.isfinite(b) or b <= 0 for b in bounds)
-        or any(b >= c for b, c in zip(bounds, bounds[1:]))
+        or any(b >= c for b, c in itertools.pairwise(bounds))
     ):
         raise TypeError(expected)
     return tuple(bounds)

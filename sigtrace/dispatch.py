@@ -21,11 +21,13 @@ import threading
 import typing as t
 import weakref
 from collections.abc import Callable, Iterable
+from contextvars import Token
 from time import perf_counter
 
 from blinker import Signal
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from . import naming, tracing
@@ -71,7 +73,7 @@ _NO_HISTOGRAM = _NoHistogram()
 class ReceiverProbe:
     """What one (signal, receiver name) pair records, bound once."""
 
-    __slots__ = ("duration", "errors", "span_name", "attributes", "_errors_family", "_labels")
+    __slots__ = ("_errors_family", "_labels", "attributes", "duration", "errors", "span_name")
 
     def __init__(self, signal_probe: SignalProbe, name: str) -> None:
         metrics = _active.metrics if _active else None
@@ -101,8 +103,15 @@ class SignalProbe:
     """What one signal records, bound once at its first send."""
 
     __slots__ = (
-        "name", "enabled", "hooks", "count_send", "duration", "receivers",
-        "span_name", "attributes", "__weakref__",
+        "__weakref__",
+        "attributes",
+        "count_send",
+        "duration",
+        "enabled",
+        "hooks",
+        "name",
+        "receivers",
+        "span_name",
     )  # fmt: skip
 
     def __init__(self, signal: Signal, sender: t.Any, active: _Instrumentation) -> None:
@@ -183,8 +192,7 @@ def _internal_error(where: str) -> None:
                 return
             _faults_logged.add(where)
         log.warning(
-            "sigtrace: internal error in %s; the app is unaffected and this is "
-            "logged once",
+            "sigtrace: internal error in %s; the app is unaffected and this is logged once",
             where,
             exc_info=True,
         )
@@ -354,13 +362,13 @@ class _SendRecord:
     costs the recording, never the send.
     """
 
-    __slots__ = ("probe", "started", "span", "token", "receiver_spans", "exemplar", "called")
+    __slots__ = ("called", "exemplar", "probe", "receiver_spans", "span", "started", "token")
 
     def __init__(self, probe: SignalProbe, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
         self.probe = probe
         self.called = 0
         self.span: Span | None = None
-        self.token: object = None
+        self.token: Token[Context] | None = None
         self.receiver_spans = False
         self.exemplar: dict[str, str] | None = None
         active = _active
@@ -406,7 +414,7 @@ class _SendRecord:
 
             return _fallback_receiver_probe(self.probe), iscoroutinefunction(receiver)
 
-    def start_receiver(self, rprobe: ReceiverProbe) -> tuple[Span, object] | None:
+    def start_receiver(self, rprobe: ReceiverProbe) -> tuple[Span, Token[Context]] | None:
         if not self.receiver_spans:
             return None
         try:
@@ -421,7 +429,7 @@ class _SendRecord:
             return None
 
     def receiver_done(
-        self, rprobe: ReceiverProbe, span: tuple[Span, object] | None, elapsed: float
+        self, rprobe: ReceiverProbe, span: tuple[Span, Token[Context]] | None, elapsed: float
     ) -> None:
         try:
             rprobe.duration.observe(elapsed, self.exemplar)
@@ -434,7 +442,7 @@ class _SendRecord:
     def receiver_failed(
         self,
         rprobe: ReceiverProbe,
-        span: tuple[Span, object] | None,
+        span: tuple[Span, Token[Context]] | None,
         elapsed: float,
         exc: BaseException,
     ) -> None:
@@ -452,7 +460,7 @@ class _SendRecord:
         try:
             self.probe.duration.observe(perf_counter() - self.started, self.exemplar)
             span = self.span
-            if span is not None:
+            if span is not None and self.token is not None:
                 otel_context.detach(self.token)
                 span.set_attribute(tracing.ATTR_RECEIVERS_COUNT, self.called)
                 if exc is not None:
@@ -564,8 +572,8 @@ def instrument(
         _probe_refs.clear()
         _originals["send"] = Signal.__dict__["send"]
         _originals["send_async"] = Signal.__dict__["send_async"]
-        Signal.send = send  # type: ignore[method-assign, assignment]
-        Signal.send_async = send_async  # type: ignore[method-assign, assignment]
+        Signal.send = send  # type: ignore[method-assign]
+        Signal.send_async = send_async  # type: ignore[method-assign]
         _refcount = 1
 
 

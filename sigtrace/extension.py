@@ -20,12 +20,14 @@ import fnmatch
 import hmac
 import threading
 import typing as t
+from contextvars import Token
 from time import perf_counter
 
 import flask
 from flask import signals as flask_signals
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_REQUEST_METHOD,
@@ -70,14 +72,14 @@ class _AppState:
 class _Request:
     """One request in flight, kept in its WSGI environ."""
 
-    __slots__ = ("state", "method", "endpoint", "started", "span", "token", "exception")
+    __slots__ = ("endpoint", "exception", "method", "span", "started", "state", "token")
 
     def __init__(self, state: _AppState, method: str, endpoint: str) -> None:
         self.state = state
         self.method = method
         self.endpoint = endpoint
         self.span: trace.Span | None = None
-        self.token: object = None
+        self.token: Token[Context] | None = None
         self.exception: BaseException | None = None
         self.started = perf_counter()
 
@@ -105,7 +107,8 @@ class _Request:
                 else:
                     span.set_attribute(ERROR_TYPE, str(status))
                     span.set_status(Status(StatusCode.ERROR))
-            otel_context.detach(self.token)
+            if self.token is not None:
+                otel_context.detach(self.token)
             span.end()
 
 
@@ -194,8 +197,12 @@ def _install_request_hooks() -> None:
     with _hooks_lock:
         if _hooks_installed:
             return
-        dispatch.set_hooks(flask_signals.request_started, dispatch.Hooks(before=_on_request_started))
-        dispatch.set_hooks(flask_signals.request_finished, dispatch.Hooks(after=_on_request_finished))
+        dispatch.set_hooks(
+            flask_signals.request_started, dispatch.Hooks(before=_on_request_started)
+        )
+        dispatch.set_hooks(
+            flask_signals.request_finished, dispatch.Hooks(after=_on_request_finished)
+        )
         dispatch.set_hooks(
             flask_signals.got_request_exception, dispatch.Hooks(before=_on_got_request_exception)
         )
@@ -304,4 +311,3 @@ def _setup_exporter(app: flask.Flask, settings: Settings) -> None:
         tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
     elif settings.console_spans:
         tracing.setup_sdk(app.name, console=True)
-

@@ -85,7 +85,7 @@ class FastCounter:
 class FastHistogram:
     """A histogram with one row of bucket counts per writing thread."""
 
-    __slots__ = ("_bounds", "_local", "_rows", "_retired", "_lock", "_exemplars")
+    __slots__ = ("_bounds", "_exemplars", "_local", "_lock", "_retired", "_rows")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = tuple(bounds)  # ends with +Inf
@@ -154,7 +154,7 @@ class Family:
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.kind = kind
-        self.bounds = tuple(sorted(set(buckets))) + (INF,)
+        self.bounds = (*sorted(set(buckets)), INF)
         self.max_label_values = max_label_values
         self._children: dict[tuple[str, ...], t.Any] = {}  # requested values -> child
         self._canonical: dict[tuple[str, ...], t.Any] = {}  # capped values -> child
@@ -224,16 +224,14 @@ class Family:
             for values, child in items:
                 counter.add_metric(values, child.get())
             return counter
-        histogram = HistogramMetricFamily(
-            self.name, self.documentation, labels=self.labelnames
-        )
+        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in items:
             counts, total = child.snapshot()
             buckets: list[t.Any] = []
             cumulative = 0.0
-            for bound, count, exemplar in zip(self.bounds, counts, child._exemplars):
+            for bound, count, exemplar in zip(self.bounds, counts, child._exemplars, strict=True):
                 cumulative += count
-                le = floatToGoString(bound)
+                le = floatToGoString(bound)  # type: ignore[no-untyped-call]
                 buckets.append((le, cumulative, exemplar) if exemplar else (le, cumulative))
             histogram.add_metric(values, buckets, total)
         return histogram

@@ -57,7 +57,7 @@ def clean_label(value: str) -> str:
 class ReceiverInfo:
     """What the traced send needs to know about one receiver, computed once."""
 
-    __slots__ = ("name", "is_coroutine", "__weakref__")
+    __slots__ = ("__weakref__", "is_coroutine", "name")
 
     def __init__(self, name: str, is_coroutine: bool) -> None:
         self.name = name
@@ -162,7 +162,7 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
 
     For an anonymous signal the owner is looked for, once, where it is cheap to
     look: the sender's class hierarchy (``Processor.on_ready.send(self)``), then
-    the calling frame's ``self``/``cls`` and module globals. The first hit gives
+    the calling module's globals. The first hit gives
     ``module.Class.attr`` or ``module.attr``; otherwise :data:`ANONYMOUS_SIGNAL`.
     """
     try:
@@ -175,25 +175,19 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
 
 
 def _owner_attribute(signal: Signal, sender: t.Any) -> str | None:
-    candidates: list[t.Any] = []
     if sender is not None:
-        candidates.append(sender)
-    frame = sys._getframe(1)
-    # Walk out of sigtrace's and blinker's own frames to the sender's code.
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(
-        ("sigtrace.", "blinker")
-    ):
-        frame = frame.f_back  # type: ignore[assignment]
-    if frame is not None:
-        for local in ("self", "cls"):
-            if local in frame.f_locals:
-                candidates.append(frame.f_locals[local])
-    for candidate in candidates:
-        owner = candidate if isinstance(candidate, type) else type(candidate)
+        owner = sender if isinstance(sender, type) else type(sender)
         for klass in owner.__mro__:
             for attr, value in vars(klass).items():
                 if value is signal:
                     return f"{klass.__module__}.{klass.__qualname__}.{attr}"
+    # Never touch frame.f_locals: on a running frame it snapshots the locals
+    # into the frame and would keep the caller's objects alive.
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+        ("sigtrace.", "blinker")
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
     if frame is not None:
         for attr, value in frame.f_globals.items():
             if value is signal:

@@ -249,7 +249,7 @@ def test_coroutine_receiver_without_wrapper_raises_blinkers_error(
         return None
 
     sig.connect(receiver)
-    with pytest.raises(RuntimeError, match="Cannot send to a coroutine function."):
+    with pytest.raises(RuntimeError, match=r"Cannot send to a coroutine function\."):
         sig.send(None)
 
 
@@ -262,7 +262,7 @@ def test_sync_receiver_in_send_async_without_wrapper_raises(
         return None
 
     sig.connect(receiver)
-    with pytest.raises(RuntimeError, match="Cannot send to a non-coroutine function."):
+    with pytest.raises(RuntimeError, match=r"Cannot send to a non-coroutine function\."):
         asyncio.run(sig.send_async(None))
 
 
