@@ -149,6 +149,7 @@ class Family:
         max_label_values: int,
         registry: CollectorRegistry,
         multiprocess: bool,
+        warned: set[str] | None = None,
     ) -> None:
         self.name = name
         self.documentation = documentation
@@ -159,7 +160,7 @@ class Family:
         self._children: dict[tuple[str, ...], t.Any] = {}  # requested values -> child
         self._canonical: dict[tuple[str, ...], t.Any] = {}  # capped values -> child
         self._seen: list[set[str]] = [set() for _ in self.labelnames]
-        self._warned: set[str] = set()
+        self._warned: set[str] = set() if warned is None else warned  # shared: one warning a label
         self._lock = threading.Lock()
         self._client: t.Any = None
         if multiprocess:
@@ -247,13 +248,15 @@ class MetricSet:
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
     ) -> None:
         self.multiprocess = multiprocess_mode()
+        warned: set[str] = set()
 
         def family(
             name: str, doc: str, labels: Sequence[str], kind: t.Literal["counter", "histogram"]
         ) -> Family:
             return Family(
-                name, doc, labels, kind, buckets, max_label_values, registry, self.multiprocess
-            )
+                name, doc, labels, kind, buckets, max_label_values, registry, self.multiprocess,
+                warned,
+            )  # fmt: skip
 
         self.signal_sends = family(
             "sigtrace_signal_sends_total",

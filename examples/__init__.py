@@ -1,0 +1,1 @@
+"""Runnable examples: the signup demo app instrumented by SigTrace."""
