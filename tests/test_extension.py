@@ -140,7 +140,9 @@ def test_unmatched_urls_fold_into_one_endpoint(traced: t.Callable[..., Traced]) 
     for path in ("/a", "/b/c", "/d?x=1"):
         assert client.get(path).status_code == 404
     assert client.delete("/health").status_code == 405
-    endpoints = {lb["endpoint"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")}
+    endpoints = {
+        lb["endpoint"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")
+    }
     assert "/a" not in endpoints and "/b/c" not in endpoints
     key = "sigtrace_http_request_duration_seconds_count"
     assert sample(registry, key, method="GET", endpoint=UNMATCHED_ENDPOINT, status="404") == 3
@@ -150,7 +152,9 @@ def test_unmatched_urls_fold_into_one_endpoint(traced: t.Callable[..., Traced]) 
 def test_unknown_methods_fold_into_other(traced: t.Callable[..., Traced]) -> None:
     app, registry, _, _ = traced()
     app.test_client().open("/health", method="BREW")
-    methods = {lb["method"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")}
+    methods = {
+        lb["method"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")
+    }
     assert methods == {"_OTHER"}
 
 
@@ -262,7 +266,9 @@ def test_metrics_path_is_excluded_and_served(traced: t.Callable[..., Traced]) ->
     key = ("sigtrace_http_request_duration_seconds_count",
            (("endpoint", "signup"), ("method", "GET"), ("status", "200")))  # fmt: skip
     assert parsed[key] == 1
-    endpoints = {lb["endpoint"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")}
+    endpoints = {
+        lb["endpoint"] for lb in series(registry, "sigtrace_http_request_duration_seconds_count")
+    }
     assert "sigtrace_metrics" not in endpoints
 
 
@@ -283,7 +289,9 @@ def test_sigtrace_hooks_are_not_user_receivers(traced: t.Callable[..., Traced]) 
         flask_signals.request_tearing_down,
     ):
         assert not sig.receivers, f"{sig.name} has sigtrace receivers"
-    receivers = {lb["receiver"] for lb in series(registry, "sigtrace_receiver_duration_seconds_count")}
+    receivers = {
+        lb["receiver"] for lb in series(registry, "sigtrace_receiver_duration_seconds_count")
+    }
     assert not any(r.startswith("sigtrace.") for r in receivers)
 
 
@@ -448,7 +456,9 @@ def test_bad_environment_value_names_the_environment(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIGTRACE_MAX_LABEL_VALUES", "lots")
-    with pytest.raises(ConfigError, match=r"SIGTRACE_MAX_LABEL_VALUES='lots' \(from the environment\)"):
+    with pytest.raises(
+        ConfigError, match=r"SIGTRACE_MAX_LABEL_VALUES='lots' \(from the environment\)"
+    ):
         SigTrace(build_app(), registry=registry)
 
 

@@ -50,7 +50,9 @@ def test_exact_counts_after_n_sends(instrumented: CollectorRegistry) -> None:
         sig.send("s")
     receiver = f"{__name__}.on_signup"
     assert sample(instrumented, "sigtrace_signal_sends_total", signal="exact-counts") == 7
-    assert sample(instrumented, "sigtrace_signal_duration_seconds_count", signal="exact-counts") == 7
+    assert (
+        sample(instrumented, "sigtrace_signal_duration_seconds_count", signal="exact-counts") == 7
+    )
     assert (
         sample(
             instrumented,
@@ -108,7 +110,9 @@ def test_errors_by_exception_class(instrumented: CollectorRegistry) -> None:
     name = f"{__name__}.test_errors_by_exception_class.<locals>.failing"
     key = {"signal": "errors-by-class", "receiver": name}
     assert sample(instrumented, "sigtrace_receiver_errors_total", **key, exception="KeyError") == 2
-    assert sample(instrumented, "sigtrace_receiver_errors_total", **key, exception="ValueError") == 1
+    assert (
+        sample(instrumented, "sigtrace_receiver_errors_total", **key, exception="ValueError") == 1
+    )
     # Failed calls are still timed.
     assert sample(instrumented, "sigtrace_receiver_duration_seconds_count", **key) == 3
 
@@ -133,9 +137,19 @@ def test_errors_by_exception_class(instrumented: CollectorRegistry) -> None:
         (lambda: [].append, "builtins.list.append"),
     ],
     ids=[
-        "function", "method", "classmethod", "staticmethod", "partial", "nested-partial",
-        "callable-object", "lambda", "mock", "magicmock", "builtin", "builtin-method",
-    ],  # fmt: skip
+        "function",
+        "method",
+        "classmethod",
+        "staticmethod",
+        "partial",
+        "nested-partial",
+        "callable-object",
+        "lambda",
+        "mock",
+        "magicmock",
+        "builtin",
+        "builtin-method",
+    ],
 )
 def test_receiver_label_for_each_callable_kind(
     instrumented: CollectorRegistry, make: t.Callable[[], t.Any], expected: str
@@ -296,7 +310,9 @@ def test_threads_lose_no_count(instrumented: CollectorRegistry) -> None:
     total = threads_n * sends_n
     assert sample(instrumented, "sigtrace_signal_sends_total", signal="threaded") == total
     assert sample(instrumented, "sigtrace_signal_sends_total", signal="threaded-empty") == total
-    assert sample(instrumented, "sigtrace_signal_duration_seconds_count", signal="threaded") == total
+    assert (
+        sample(instrumented, "sigtrace_signal_duration_seconds_count", signal="threaded") == total
+    )
     receiver = f"{__name__}.on_signup"
     assert (
         sample(
