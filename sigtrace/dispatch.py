@@ -7,31 +7,32 @@ DESIGN.md): positional-only sender, muting first, receivers taken lazily from
 ``_sync_wrapper`` with blinker's own errors, the original receivers in the
 result, exceptions propagated as the same object, no reference kept.
 
-Per signal a :class:`SignalProbe` holds everything bound once (name, metric
-children, span names); per receiver a :class:`ReceiverProbe`. The hot path is
-:func:`_traced_send`; anything that fails inside sigtrace is caught by
-:func:`_internal_error` and never reaches the app.
+The hot path is :func:`send` and :func:`_traced_send`; what they record is
+bound once per signal and receiver in :mod:`sigtrace.probes`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import logging
 import threading
+import types
 import typing as t
 import weakref
 from collections.abc import Callable, Iterable
-from contextvars import Token
 from time import perf_counter
 
 from blinker import Signal
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Span
 
 from . import naming, tracing
-from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES, MetricSet, metric_set
+from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES, MetricSet
+from .probes import (
+    DISABLED_PROBE,
+    Hooks,
+    Instrumentation,
+    SendSpans,
+    SignalProbe,
+    internal_error,
+)
 
 __all__ = [
     "Hooks",
@@ -41,204 +42,44 @@ __all__ = [
     "uninstrument",
 ]
 
-log = logging.getLogger("sigtrace")
-
-Hook = Callable[[t.Any, dict[str, t.Any]], None]
-
-
-class Hooks(t.NamedTuple):
-    """sigtrace's own code run around a signal's receivers (Flask request timing).
-
-    Hooks are not receivers: they never show in ``signal.receivers``, metrics,
-    spans or results, and run even for signals excluded from recording.
-    """
-
-    before: Hook | None = None
-    after: Hook | None = None
-
-
-def _noop() -> None:
-    return None
-
-
-class _NoHistogram:
-    @staticmethod
-    def observe(amount: float, exemplar: dict[str, str] | None = None) -> None:
-        return None
-
-
-_NO_HISTOGRAM = _NoHistogram()
-
-
-class ReceiverProbe:
-    """What one (signal, receiver name) pair records, bound once."""
-
-    __slots__ = ("_errors_family", "_labels", "attributes", "duration", "errors", "span_name")
-
-    def __init__(self, signal_probe: SignalProbe, name: str) -> None:
-        metrics = _active.metrics if _active else None
-        self._labels = (signal_probe.name, name)
-        self._errors_family = metrics.receiver_errors if metrics else None
-        self.duration = (
-            metrics.receiver_duration.child(signal_probe.name, name) if metrics else _NO_HISTOGRAM
-        )
-        self.errors: dict[type[BaseException], t.Any] = {}
-        self.span_name = f"receiver {name}"
-        self.attributes = {
-            tracing.ATTR_SIGNAL_NAME: signal_probe.name,
-            tracing.CODE_FUNCTION_NAME: name,
-        }
-
-    def count_error(self, exc: BaseException) -> None:
-        child = self.errors.get(type(exc))
-        if child is None:
-            if self._errors_family is None:
-                return
-            child = self._errors_family.child(*self._labels, naming.clean_label(type(exc).__name__))
-            self.errors[type(exc)] = child
-        child.inc()
-
-
-class SignalProbe:
-    """What one signal records, bound once at its first send."""
-
-    __slots__ = (
-        "__weakref__",
-        "attributes",
-        "count_send",
-        "duration",
-        "enabled",
-        "hooks",
-        "name",
-        "receivers",
-        "span_name",
-    )  # fmt: skip
-
-    def __init__(self, signal: Signal, sender: t.Any, active: _Instrumentation) -> None:
-        self.name = naming.signal_name(signal, sender)
-        self.enabled = active.records(self.name)
-        self.hooks = _hooks.get(id(signal))
-        metrics = active.metrics if self.enabled else None
-        self.count_send: Callable[[], object] = (
-            metrics.signal_sends.child(self.name).inc if metrics else _noop
-        )
-        self.duration = metrics.signal_duration.child(self.name) if metrics else _NO_HISTOGRAM
-        self.receivers: dict[str, ReceiverProbe] = {}
-        self.span_name = f"signal {self.name}"
-        self.attributes = {tracing.ATTR_SIGNAL_NAME: self.name}
-
-    def receiver(self, receiver: t.Any) -> tuple[ReceiverProbe, bool]:
-        """The probe for ``receiver`` and whether it is a coroutine function."""
-        info = naming.receiver_info(receiver)
-        probe = self.receivers.get(info.name)
-        if probe is None:
-            probe = self.receivers[info.name] = ReceiverProbe(self, info.name)
-        return probe, info.is_coroutine
-
-
-class _Instrumentation:
-    """The process-wide settings of the active instrumentation."""
-
-    def __init__(
-        self,
-        registry: t.Any,
-        tracer_provider: trace.TracerProvider | None,
-        metrics: bool,
-        tracing_enabled: bool,
-        spans: tracing.SpanMode,
-        root_spans: bool,
-        include: Iterable[str],
-        exclude: Iterable[str],
-        record_kwargs: Iterable[str],
-        buckets: Iterable[float],
-        max_label_values: int,
-    ) -> None:
-        self.registry = registry
-        self.tracer_provider = tracer_provider
-        self.metrics: MetricSet | None = (
-            metric_set(registry, tuple(buckets), max_label_values) if metrics else None
-        )
-        self.include = tuple(include)
-        self.exclude = tuple(exclude)
-        self.tracer = tracing.get_tracer(tracer_provider) if tracing_enabled else None
-        self.signal_spans = self.tracer is not None and spans in ("all", "signals")
-        self.receiver_spans = self.tracer is not None and spans in ("all", "receivers")
-        self.root_spans = root_spans
-        self.record_kwargs = frozenset(record_kwargs)
-
-    def records(self, name: str) -> bool:
-        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
-
+Results = list[tuple[Callable[..., t.Any], t.Any]]
+Wrapper = Callable[[Callable[..., t.Any]], Callable[..., t.Any]]
+_MethodType = types.MethodType
 
 _lock = threading.RLock()
 _refcount = 0
-_active: _Instrumentation | None = None
+_active: Instrumentation | None = None
 _originals: dict[str, t.Any] = {}
 _probes: dict[int, SignalProbe] = {}  # id(signal) -> probe; cleaned by weakref callback
 _probe_refs: dict[int, weakref.ref[Signal]] = {}
 _hooks: dict[int, Hooks] = {}
 _seen_signals: weakref.WeakSet[Signal] = weakref.WeakSet()
-_fault_lock = threading.Lock()
-_faults_logged: set[str] = set()
-
-
-def _internal_error(where: str) -> None:
-    """Log a fault inside sigtrace once per place; never raise."""
-    try:
-        with _fault_lock:
-            if where in _faults_logged:
-                return
-            _faults_logged.add(where)
-        log.warning(
-            "sigtrace: internal error in %s; the app is unaffected and this is logged once",
-            where,
-            exc_info=True,
-        )
-    except Exception:  # pragma: no cover - logging itself broken
-        pass
-
-
-def _probe_for(signal: Signal, sender: t.Any) -> SignalProbe:
-    active = _active
-    if active is None:  # raced with uninstrument(); record nothing
-        return _DISABLED_PROBE
-    probe = SignalProbe(signal, sender, active)
-    key = id(signal)
-
-    def forget(_ref: weakref.ref[Signal], key: int = key) -> None:
-        _probes.pop(key, None)
-        _probe_refs.pop(key, None)
-
-    with _lock:
-        _probe_refs[key] = weakref.ref(signal, forget)
-        _probes[key] = probe
-        _seen_signals.add(signal)
-    return probe
 
 
 def _new_probe(signal: Signal, sender: t.Any) -> SignalProbe:
+    """Bind a signal at its first send (under the lock: names are looked up once)."""
     try:
-        return _probe_for(signal, sender)
+        with _lock:
+            key = id(signal)
+            found = _probes.get(key)
+            if found is not None:
+                return found
+            active = _active
+            if active is None:  # raced with uninstrument(): record nothing
+                return DISABLED_PROBE
+            probe = SignalProbe(naming.signal_name(signal, sender), active, _hooks.get(key))
+
+            def forget(_ref: weakref.ref[Signal], key: int = key) -> None:
+                _probes.pop(key, None)
+                _probe_refs.pop(key, None)
+
+            _probe_refs[key] = weakref.ref(signal, forget)
+            _probes[key] = probe
+            _seen_signals.add(signal)
+            return probe
     except Exception:
-        _internal_error("signal naming")
-        return _DISABLED_PROBE
-
-
-class _DisabledProbe(SignalProbe):
-    def __init__(self) -> None:
-        self.name = naming.ANONYMOUS_SIGNAL
-        self.enabled = False
-        self.hooks = None
-        self.count_send = _noop
-        self.duration = _NO_HISTOGRAM
-        self.receivers = {}
-        self.span_name = ""
-        self.attributes = {}
-
-
-_DISABLED_PROBE = _DisabledProbe()
+        internal_error("signal naming")
+        return DISABLED_PROBE
 
 
 # --------------------------------------------------------------------------
@@ -250,9 +91,9 @@ def send(
     sender: t.Any | None = None,
     /,
     *,
-    _async_wrapper: Callable[[Callable[..., t.Any]], Callable[..., t.Any]] | None = None,
+    _async_wrapper: Wrapper | None = None,
     **kwargs: t.Any,
-) -> list[tuple[Callable[..., t.Any], t.Any]]:
+) -> Results:
     """blinker's ``Signal.send``, recording metrics and spans (see module doc)."""
     if self.is_muted:
         return []
@@ -271,38 +112,44 @@ def _traced_send(
     signal: Signal,
     probe: SignalProbe,
     sender: t.Any,
-    async_wrapper: Callable[[Callable[..., t.Any]], Callable[..., t.Any]] | None,
+    async_wrapper: Wrapper | None,
     kwargs: dict[str, t.Any],
-) -> list[tuple[Callable[..., t.Any], t.Any]]:
+) -> Results:
     probe.count_send()
-    results: list[tuple[Callable[..., t.Any], t.Any]] = []
-    record: _SendRecord | None = None
+    results: Results = []
+    by_identity = probe.by_identity
+    started = 0.0
+    spans: SendSpans | None = None
     try:
         for receiver in signal.receivers_for(sender):
-            if record is None:
-                record = _SendRecord(probe, sender, kwargs)
-            rprobe, is_coroutine = record.receiver(receiver)
+            if not started:  # the first receiver: a send worth timing and tracing
+                spans = SendSpans.open(_active, probe, sender, kwargs)
+                started = perf_counter()
+            key = receiver.__func__ if type(receiver) is _MethodType else receiver
+            receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
             if is_coroutine:
                 if async_wrapper is None:
                     raise RuntimeError("Cannot send to a coroutine function.")
                 call = async_wrapper(receiver)
             else:
                 call = receiver
-            span = record.start_receiver(rprobe)
-            started = perf_counter()
-            try:
-                result = call(sender, **kwargs)
-            except BaseException as exc:
-                record.receiver_failed(rprobe, span, perf_counter() - started, exc)
-                raise
-            record.receiver_done(rprobe, span, perf_counter() - started)
+            if spans is not None:
+                result = spans.call(receiver_probe, call, sender, kwargs)
+            else:
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    receiver_probe.record(perf_counter() - call_started, None, exc)
+                    raise
+                receiver_probe.record(perf_counter() - call_started, None, None)
             results.append((receiver, result))
     except BaseException as exc:
-        if record is not None:
-            record.finish(exc)
+        if started:
+            probe.finish(started, spans, exc)
         raise
-    if record is not None:
-        record.finish(None)
+    if started:
+        probe.finish(started, spans, None)
     return results
 
 
@@ -311,10 +158,10 @@ async def send_async(
     sender: t.Any | None = None,
     /,
     *,
-    _sync_wrapper: Callable[[Callable[..., t.Any]], Callable[..., t.Any]] | None = None,
+    _sync_wrapper: Wrapper | None = None,
     **kwargs: t.Any,
-) -> list[tuple[Callable[..., t.Any], t.Any]]:
-    """blinker's ``Signal.send_async``, recording metrics and spans."""
+) -> Results:
+    """blinker's ``Signal.send_async``, recording metrics and spans (mirrors :func:`send`)."""
     if self.is_muted:
         return []
     probe = _probes.get(id(self)) or _new_probe(self, sender)
@@ -324,168 +171,50 @@ async def send_async(
     if not probe.enabled:
         return await _originals["send_async"](self, sender, _sync_wrapper=_sync_wrapper, **kwargs)  # type: ignore[no-any-return]
     probe.count_send()
-    results: list[tuple[Callable[..., t.Any], t.Any]] = []
-    record: _SendRecord | None = None
+    results: Results = []
+    by_identity = probe.by_identity
+    started = 0.0
+    spans: SendSpans | None = None
     try:
         for receiver in self.receivers_for(sender):
-            if record is None:
-                record = _SendRecord(probe, sender, kwargs)
-            rprobe, is_coroutine = record.receiver(receiver)
+            if not started:
+                spans = SendSpans.open(_active, probe, sender, kwargs)
+                started = perf_counter()
+            key = receiver.__func__ if type(receiver) is _MethodType else receiver
+            receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
             if not is_coroutine:
                 if _sync_wrapper is None:
                     raise RuntimeError("Cannot send to a non-coroutine function.")
                 call = _sync_wrapper(receiver)
             else:
                 call = receiver
-            span = record.start_receiver(rprobe)
-            started = perf_counter()
-            try:
-                result = await call(sender, **kwargs)
-            except BaseException as exc:
-                record.receiver_failed(rprobe, span, perf_counter() - started, exc)
-                raise
-            record.receiver_done(rprobe, span, perf_counter() - started)
+            if spans is not None:
+                result = await spans.await_call(receiver_probe, call, sender, kwargs)
+            else:
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    receiver_probe.record(perf_counter() - call_started, None, exc)
+                    raise
+                receiver_probe.record(perf_counter() - call_started, None, None)
             results.append((receiver, result))
     except BaseException as exc:
-        if record is not None:
-            record.finish(exc)
+        if started:
+            probe.finish(started, spans, exc)
         raise
-    if record is not None:
-        record.finish(None)
+    if started:
+        probe.finish(started, spans, None)
     return results
-
-
-class _SendRecord:
-    """Timing, spans and exemplar of one send that reached a receiver.
-
-    Every method swallows its own faults: a broken tracer or metric backend
-    costs the recording, never the send.
-    """
-
-    __slots__ = ("called", "exemplar", "probe", "receiver_spans", "span", "started", "token")
-
-    def __init__(self, probe: SignalProbe, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
-        self.probe = probe
-        self.called = 0
-        self.span: Span | None = None
-        self.token: Token[Context] | None = None
-        self.receiver_spans = False
-        self.exemplar: dict[str, str] | None = None
-        active = _active
-        if active is not None and active.tracer is not None:
-            try:
-                self._open(active, sender, kwargs)
-            except Exception:
-                _internal_error("signal span start")
-        self.started = perf_counter()
-
-    def _open(self, active: _Instrumentation, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
-        parent = trace.get_current_span()
-        if not parent.is_recording():
-            if parent is not INVALID_SPAN or not active.root_spans:
-                return  # unsampled parent, or no parent and no root spans: no objects
-        elif parent.get_span_context().trace_flags.sampled:
-            self.exemplar = {"trace_id": format(parent.get_span_context().trace_id, "032x")}
-        self.receiver_spans = active.receiver_spans
-        if not active.signal_spans:
-            return
-        attributes = self.probe.attributes
-        if active.record_kwargs or isinstance(sender, _FlaskApp):
-            attributes = dict(attributes)
-            if isinstance(sender, _FlaskApp):
-                attributes[tracing.ATTR_APP_NAME] = str(sender.name)
-            attributes.update(tracing.kwarg_attributes(active.record_kwargs, kwargs))
-        assert active.tracer is not None
-        span = active.tracer.start_span(
-            self.probe.span_name, kind=tracing.INTERNAL, attributes=attributes
-        )
-        self.span = span
-        self.token = otel_context.attach(trace.set_span_in_context(span))
-        if self.exemplar is None and span.get_span_context().trace_flags.sampled:
-            self.exemplar = {"trace_id": format(span.get_span_context().trace_id, "032x")}
-
-    def receiver(self, receiver: t.Any) -> tuple[ReceiverProbe, bool]:
-        self.called += 1
-        try:
-            return self.probe.receiver(receiver)
-        except Exception:
-            _internal_error("receiver naming")
-            from inspect import iscoroutinefunction
-
-            return _fallback_receiver_probe(self.probe), iscoroutinefunction(receiver)
-
-    def start_receiver(self, rprobe: ReceiverProbe) -> tuple[Span, Token[Context]] | None:
-        if not self.receiver_spans:
-            return None
-        try:
-            active = _active
-            assert active is not None and active.tracer is not None
-            span = active.tracer.start_span(
-                rprobe.span_name, kind=tracing.INTERNAL, attributes=rprobe.attributes
-            )
-            return span, otel_context.attach(trace.set_span_in_context(span))
-        except Exception:
-            _internal_error("receiver span start")
-            return None
-
-    def receiver_done(
-        self, rprobe: ReceiverProbe, span: tuple[Span, Token[Context]] | None, elapsed: float
-    ) -> None:
-        try:
-            rprobe.duration.observe(elapsed, self.exemplar)
-            if span is not None:
-                otel_context.detach(span[1])
-                span[0].end()
-        except Exception:
-            _internal_error("receiver recording")
-
-    def receiver_failed(
-        self,
-        rprobe: ReceiverProbe,
-        span: tuple[Span, Token[Context]] | None,
-        elapsed: float,
-        exc: BaseException,
-    ) -> None:
-        try:
-            rprobe.duration.observe(elapsed, self.exemplar)
-            rprobe.count_error(exc)
-            if span is not None:
-                otel_context.detach(span[1])
-                tracing.mark_error(span[0], exc)
-                span[0].end()
-        except Exception:
-            _internal_error("receiver error recording")
-
-    def finish(self, exc: BaseException | None) -> None:
-        try:
-            self.probe.duration.observe(perf_counter() - self.started, self.exemplar)
-            span = self.span
-            if span is not None and self.token is not None:
-                otel_context.detach(self.token)
-                span.set_attribute(tracing.ATTR_RECEIVERS_COUNT, self.called)
-                if exc is not None:
-                    tracing.mark_error(span, exc)
-                span.end()
-        except Exception:
-            _internal_error("signal recording")
-
-
-def _fallback_receiver_probe(probe: SignalProbe) -> ReceiverProbe:
-    found = probe.receivers.get(naming.UNKNOWN_RECEIVER)
-    if found is None:
-        found = probe.receivers[naming.UNKNOWN_RECEIVER] = ReceiverProbe(
-            probe, naming.UNKNOWN_RECEIVER
-        )
-    return found
 
 
 def _send_with_hooks(
     signal: Signal,
     probe: SignalProbe,
     sender: t.Any,
-    async_wrapper: Callable[[Callable[..., t.Any]], Callable[..., t.Any]] | None,
+    async_wrapper: Wrapper | None,
     kwargs: dict[str, t.Any],
-) -> list[tuple[Callable[..., t.Any], t.Any]]:
+) -> Results:
     hooks = probe.hooks
     assert hooks is not None
     _run_hook(hooks.before, sender, kwargs)
@@ -500,21 +229,13 @@ def _send_with_hooks(
         _run_hook(hooks.after, sender, kwargs)
 
 
-def _run_hook(hook: Hook | None, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
+def _run_hook(hook: t.Any, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
     if hook is None:
         return
     try:
         hook(sender, kwargs)
     except Exception:
-        _internal_error(getattr(hook, "__qualname__", "hook"))
-
-
-try:  # Flask apps as senders get their name on signal spans.
-    from flask.sansio.app import App as _FlaskApp
-except ImportError:  # pragma: no cover - flask is a dependency
-
-    class _FlaskApp:  # type: ignore[no-redef]
-        name = ""
+        internal_error(getattr(hook, "__qualname__", "hook"))
 
 
 # --------------------------------------------------------------------------
@@ -564,7 +285,7 @@ def instrument(
             return
         if spans not in tracing.SPAN_MODES:
             raise ValueError(f"spans must be one of {tracing.SPAN_MODES}, got {spans!r}")
-        _active = _Instrumentation(
+        _active = Instrumentation(
             registry, tracer_provider, metrics, tracing_enabled, spans, root_spans,
             include, exclude, record_kwargs, buckets, max_label_values,
         )  # fmt: skip
