@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
+import re
 import threading
 import typing as t
 from contextvars import Token
@@ -63,10 +64,20 @@ class _AppState:
         self.settings = settings
         self.metrics = metrics
         self.tracer = tracing.get_tracer(ext.tracer_provider) if settings.tracing else None
-        self.excluded_paths = tuple(settings.excluded_paths) + (
-            (settings.metrics_path,) if settings.metrics_path else ()
+        self.is_excluded = _path_matcher(
+            (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
         )
         self.durations: dict[tuple[str, str, str], t.Any] = {}
+
+
+def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
+    """One compiled test for all excluded-path patterns (a set for exact paths)."""
+    exact = frozenset(p for p in patterns if not any(c in p for c in "*?["))
+    globs = [fnmatch.translate(p) for p in patterns if p not in exact]
+    if not globs:
+        return exact.__contains__
+    pattern = re.compile("|".join(globs))
+    return lambda path: path in exact or pattern.match(path) is not None
 
 
 class _Request:
@@ -117,9 +128,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     if state is None:
         return
     request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    if state.excluded_paths and any(
-        fnmatch.fnmatchcase(request.path, p) for p in state.excluded_paths
-    ):
+    if state.is_excluded(request.path):
         return
     method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
     rule = request.url_rule

@@ -300,9 +300,7 @@ class SendSpans:
             return None
         try:
             parent = trace.get_current_span()
-            if not parent.is_recording() and (
-                parent is not INVALID_SPAN or not active.root_spans
-            ):
+            if not parent.is_recording() and (parent is not INVALID_SPAN or not active.root_spans):
                 return None  # unsampled parent, or no parent and no root spans
             spans = SendSpans(active.tracer, _trace_id(parent))
             spans.with_receivers = active.receiver_spans
