@@ -28,6 +28,7 @@ import click
 import flask
 import prometheus_client
 from blinker import Signal
+from blinker.base import ANY_ID  # blinker internals: used by _connections only
 from flask import signals as flask_signals
 from flask.cli import AppGroup
 from prometheus_client import CollectorRegistry
@@ -38,6 +39,7 @@ __all__ = ["histogram_quantile", "sigtrace_cli", "signal_inventory"]
 
 ANY_SENDER = "ANY"
 UNKNOWN_SENDER = "?"
+_UNKNOWN = object()  # a sender that could not be resolved
 _RECEIVER_HISTOGRAM = "sigtrace_receiver_duration_seconds"
 _RECEIVER_ERRORS = "sigtrace_receiver_errors_total"
 _SIGNAL_SENDS = "sigtrace_signal_sends_total"
@@ -93,38 +95,42 @@ def known_signals() -> list[Signal]:
 def _connections(signal: Signal) -> list[tuple[t.Any, bool, list[object]]]:
     """``(receiver, weak, senders)`` for each live receiver, in connection order.
 
-    blinker has no public API for this, so this is the one place the CLI reads
+    blinker has no public API for this, so this is the one place that reads
     blinker internals (1.9): ``receivers`` maps a receiver id to the receiver or
     a ``weakref.ref`` to it, ``_by_receiver`` maps it to the sender ids it is
     connected for (``ANY_ID`` for any sender; the value itself for str and int
     senders, see ``blinker._utilities.make_id``) and ``_weak_senders`` maps
-    sender ids to weak references to the senders. A sender that is none of
-    these (not weakly referenceable) comes back as :data:`UNKNOWN_SENDER`.
+    sender ids to weak references to the senders. Senders it cannot resolve
+    (not weakly referenceable, or another blinker layout) come back as
+    :data:`_UNKNOWN`.
     """
-    out: list[tuple[t.Any, bool, list[object]]] = []
-    by_receiver = getattr(signal, "_by_receiver", {})
+    by_receiver = getattr(signal, "_by_receiver", None)
     weak_senders = getattr(signal, "_weak_senders", {})
+    out: list[tuple[t.Any, bool, list[object]]] = []
     for receiver_id, stored in list(signal.receivers.items()):
         weak = isinstance(stored, weakref.ref)
         receiver = stored() if isinstance(stored, weakref.ref) else stored
         if receiver is None:
             continue  # died; blinker removes it on its own
+        if by_receiver is None:
+            out.append((receiver, weak, [_UNKNOWN]))
+            continue
         sender_ids = by_receiver.get(receiver_id)
         if not sender_ids:
             continue  # disconnected from its only sender: blinker keeps it, never calls it
         senders: list[object] = []
         for sender_id in sorted(sender_ids, key=repr):
-            if sender_id == blinker.base.ANY_ID:
+            if sender_id == ANY_ID:
                 senders.append(blinker.ANY)
             elif sender_id in weak_senders:
                 sender = weak_senders[sender_id]()
-                senders.append(UNKNOWN_SENDER if sender is None else sender)
+                senders.append(_UNKNOWN if sender is None else sender)
             elif isinstance(sender_id, (str, int)):
-                # Also what an id() of an unreferenceable sender looks like;
-                # such senders are rare (blinker would not clean them up).
+                # An int is also what the id() of an unreferenceable sender
+                # looks like; those are rare and shown as that number.
                 senders.append(sender_id)
             else:
-                senders.append(UNKNOWN_SENDER)
+                senders.append(_UNKNOWN)
         out.append((receiver, weak, senders))
     return out
 
@@ -134,10 +140,12 @@ def describe_sender(sender: object) -> str:
     raise, leak secrets or hold an address)."""
     if sender is blinker.ANY:
         return ANY_SENDER
-    if sender is UNKNOWN_SENDER:
+    if sender is _UNKNOWN:
         return UNKNOWN_SENDER
-    if isinstance(sender, (bool, int)):
-        return str(int(sender)) if type(sender) is not bool else str(sender)
+    if isinstance(sender, bool):
+        return bool.__repr__(sender)
+    if isinstance(sender, int):
+        return int.__repr__(sender)  # an int subclass's own __str__ is not trusted
     if isinstance(sender, str):
         return naming.clean_label(json.dumps(sender, ensure_ascii=False))
     if isinstance(sender, type):

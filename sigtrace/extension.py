@@ -68,6 +68,8 @@ class _AppState:
             (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
         )
         self.durations: dict[tuple[str, str, str], t.Any] = {}
+        self.metrics_port: int | None = None
+        """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
 
 
 def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
@@ -277,7 +279,7 @@ class SigTrace:
             )
         if settings.tracing and self.tracer_provider is None:
             _setup_exporter(app, settings)
-        app.extensions["sigtrace"] = _AppState(self, settings, metrics)
+        state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         _install_request_hooks()
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(
@@ -286,7 +288,18 @@ class SigTrace:
         if settings.metrics and settings.metrics_port is not None:
             from .exposition import start_server
 
-            start_server(settings.metrics_port, settings.metrics_addr, self.registry)
+            try:
+                state.metrics_port = start_server(
+                    settings.metrics_port, settings.metrics_addr, self.registry
+                )
+            except OSError as error:
+                app.extensions.pop("sigtrace", None)
+                dispatch.uninstrument()
+                raise ConfigError(
+                    f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve metrics on "
+                    f"{settings.metrics_addr}:{settings.metrics_port} ({error}); under gunicorn "
+                    "start the server once in the master with sigtrace.gunicorn.when_ready"
+                ) from error
         from .cli import sigtrace_cli
 
         app.cli.add_command(sigtrace_cli)
@@ -310,7 +323,11 @@ class SigTrace:
     def close(self) -> None:
         """Undo this extension's instrumentation (tests, app shutdown)."""
         for app in self._apps:
-            app.extensions.pop("sigtrace", None)
+            state = app.extensions.pop("sigtrace", None)
+            if state is not None and state.metrics_port is not None:
+                from .exposition import stop_server
+
+                stop_server(state.metrics_port, state.settings.metrics_addr)
             dispatch.uninstrument()
         self._apps.clear()
 

@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import typing as t
 
 from opentelemetry import trace
@@ -89,8 +90,26 @@ def kwarg_attributes(keys: frozenset[str], kwargs: dict[str, t.Any]) -> dict[str
 # --------------------------------------------------------------------------
 # SDK set-up (only when the user configured no provider but an OTLP endpoint)
 
+EXIT_FLUSH_SECONDS = 2.0
+"""How long the exit hook waits for the last spans: a healthy collector takes
+milliseconds, a dead one would hold the process (a gunicorn worker, a pod) for
+the exporter's whole retry schedule, about 8 s with the default timeout."""
+
+EXPORTER_LOG_INTERVAL = 60.0
+"""Seconds between two identical log messages of the OTLP exporters."""
+
+# Loggers the OTLP span exporters report failed batches on (one line or two per
+# batch, for as long as the collector is down).
+EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.common.http",
+)
+
 _sdk_lock = threading.Lock()
 _sdk_provider: t.Any = None
+_sdk_exporter: _OnceShutdownExporter | None = None
+_log_filters: list[tuple[logging.Logger, logging.Filter]] = []
 
 
 def otlp_endpoint_configured(own_endpoint: str | None = None) -> bool:
@@ -108,6 +127,29 @@ def user_configured_provider() -> bool:
     return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
+def sdk_disabled() -> bool:
+    """``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``: the user wants no SDK."""
+    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    return disabled or exporters == "none"
+
+
+def sdk_resource(default_service_name: str) -> t.Any:
+    """The SDK resource from ``OTEL_*``, named ``default_service_name`` if the user did not.
+
+    ``OTEL_SERVICE_NAME``, then ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``,
+    win over the default (the Flask app's name); the SDK's own attributes and
+    the user's other resource attributes are kept.
+    """
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create()  # reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
+    named = str(resource.attributes.get(SERVICE_NAME) or "")
+    if not named or named.startswith("unknown_service"):  # the SDK's placeholder
+        resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
+    return resource
+
+
 def setup_sdk(
     service_name: str,
     endpoint: str | None = None,
@@ -115,34 +157,45 @@ def setup_sdk(
 ) -> t.Any:
     """Install an SDK TracerProvider exporting over OTLP (or to the console).
 
-    Does nothing and returns None when a provider is already configured: sigtrace
-    never replaces the user's. The exporter follows ``OTEL_EXPORTER_OTLP_PROTOCOL``
-    (``grpc``, the default, or ``http/protobuf``) and every standard ``OTEL_*``
-    exporter variable (headers, timeout, compression, insecure, certificates),
-    which the OTLP exporters read themselves. Spans go through a
-    BatchSpanProcessor, so a dead endpoint never blocks a request; the provider
-    is flushed and shut down at exit.
+    Does nothing and returns None when a provider is already configured (sigtrace
+    never replaces the user's), when ``OTEL_SDK_DISABLED=true`` or
+    ``OTEL_TRACES_EXPORTER=none``, or when the exporter cannot be built from the
+    environment (logged as an error: the app still starts, without export). The
+    exporter follows ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc``, the default, or
+    ``http/protobuf``) and every standard ``OTEL_*`` exporter variable (headers,
+    timeout, compression, insecure, certificates), which the OTLP exporters read
+    themselves. Spans go through a BatchSpanProcessor, so a dead endpoint never
+    blocks a request; its failures are logged at most once a minute per
+    message. At exit the last spans are flushed, waiting at most
+    :data:`EXIT_FLUSH_SECONDS`.
     """
-    global _sdk_provider
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    global _sdk_provider, _sdk_exporter
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     with _sdk_lock:
-        if _sdk_provider is not None or user_configured_provider():
+        if _sdk_provider is not None or user_configured_provider() or sdk_disabled():
             return None
-        exporter = _console_exporter() if console else _otlp_exporter(endpoint)
+        try:
+            exporter = _console_exporter() if console else _otlp_exporter(endpoint)
+        except Exception:
+            log.error(
+                "sigtrace: the OTLP span exporter could not be set up from the OTEL_* "
+                "environment; spans are not exported",
+                exc_info=True,
+            )
+            return None
         if exporter is None:
             return None
-        if os.environ.get("OTEL_SERVICE_NAME"):
-            resource = Resource.create()  # reads OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
-        else:
-            resource = Resource.create({SERVICE_NAME: service_name})
-        provider = TracerProvider(resource=resource)
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        once = _OnceShutdownExporter(exporter)
+        provider = TracerProvider(resource=sdk_resource(service_name))
+        # the wrapper is a SpanExporter by duck typing (export, shutdown, force_flush)
+        provider.add_span_processor(BatchSpanProcessor(t.cast(t.Any, once)))
         trace.set_tracer_provider(provider)
-        _sdk_provider = provider
-        atexit.register(provider.shutdown)
+        _sdk_provider, _sdk_exporter = provider, once
+        if not console:
+            _limit_exporter_logs()
+        atexit.register(shutdown_sdk)
         return provider
 
 
@@ -155,7 +208,15 @@ def _otlp_exporter(endpoint: str | None) -> t.Any:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+        options: dict[str, t.Any] = {}
+        if endpoint:
+            options["endpoint"] = endpoint
+        if _env_compression() == "none":
+            # "none" is a valid value the gRPC exporter rejects (it knows only gzip)
+            from grpc import Compression  # type: ignore[import-untyped]
+
+            options["compression"] = Compression.NoCompression
+        return OTLPSpanExporter(**options)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HTTPSpanExporter,
@@ -172,6 +233,13 @@ def _otlp_exporter(endpoint: str | None) -> t.Any:
     return None
 
 
+def _env_compression() -> str:
+    value = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_COMPRESSION", ""
+    )
+    return value.strip().lower()
+
+
 def _console_exporter() -> t.Any:
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -180,10 +248,98 @@ def _console_exporter() -> t.Any:
     return ConsoleSpanExporter(formatter=format_span)
 
 
+class RateLimitFilter(logging.Filter):
+    """Let one record per (level, message template) through every ``interval`` seconds.
+
+    A dead collector makes the OTLP exporters log each failed batch, forever.
+    The first failure is what an operator needs, then a reminder now and then
+    that says how many were held back.
+    """
+
+    def __init__(self, interval: float = EXPORTER_LOG_INTERVAL) -> None:
+        super().__init__()
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[tuple[int, str], float] = {}
+        self._held: dict[tuple[int, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            # no "%" in the suffix: the record is still formatted with its args
+            record.msg = (
+                f"{record.msg} [sigtrace: {held} similar messages held back in the "
+                f"last {self.interval:.0f} s]"
+            )
+        return True
+
+
+def _limit_exporter_logs() -> None:
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        log_filter = RateLimitFilter()
+        logger.addFilter(log_filter)
+        _log_filters.append((logger, log_filter))
+
+
+class _OnceShutdownExporter:
+    """The OTLP exporter, whose shutdown runs once, whoever calls it first.
+
+    The exit hook shuts the exporter down early to cut a dead collector's
+    retries short; the batch processor's own shutdown call then does nothing.
+    """
+
+    def __init__(self, exporter: t.Any) -> None:
+        self.exporter = exporter
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def export(self, spans: t.Any) -> t.Any:
+        return self.exporter.export(spans)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.exporter.force_flush(timeout_millis))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.exporter.shutdown()
+
+
 def shutdown_sdk() -> None:
-    """Flush and shut down the provider sigtrace installed, if any."""
-    global _sdk_provider
+    """Flush and shut down the provider sigtrace installed, if any.
+
+    Waits at most :data:`EXIT_FLUSH_SECONDS` for the last export, then stops
+    the exporter (aborting its retries). Runs at exit; calling it again does
+    nothing.
+    """
+    global _sdk_provider, _sdk_exporter
     with _sdk_lock:
         provider, _sdk_provider = _sdk_provider, None
+        exporter, _sdk_exporter = _sdk_exporter, None
+        filters = list(_log_filters)
+        _log_filters.clear()
     if provider is not None:
-        provider.shutdown()
+        deadline = threading.Timer(EXIT_FLUSH_SECONDS, exporter.shutdown if exporter else _noop)
+        deadline.daemon = True
+        deadline.start()
+        try:
+            provider.shutdown()  # flushes through the batch processor
+        finally:
+            deadline.cancel()
+    for logger, log_filter in filters:
+        logger.removeFilter(log_filter)
+
+
+def _noop() -> None:
+    return None

@@ -1,0 +1,1 @@
+"""Small apps the tests run in subprocesses (``python -m tests.apps.<name>``)."""

@@ -1,0 +1,56 @@
+"""A Flask app with SigTrace for the gunicorn tests: ``tests.apps.gunicorn_app:app``.
+
+``GET /signup/<name>`` sends ``gunicorn-signup`` to two receivers and answers
+with the worker's pid (the tests learn the worker pids from it). Every worker
+sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import: in
+multiprocess mode a dead worker's share disappears only when gunicorn's
+``child_exit`` hook calls ``mark_process_dead``, so the gauge shows that the
+hook ran.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+from blinker import Namespace
+from flask import Flask, jsonify
+from prometheus_client import Gauge
+
+from sigtrace import SigTrace
+
+signals = Namespace()
+signed_up = signals.signal("gunicorn-signup")
+
+
+def send_welcome(sender: t.Any, name: str) -> None:
+    return None
+
+
+def count_signup(sender: t.Any, name: str) -> None:
+    return None
+
+
+signed_up.connect(send_welcome)
+signed_up.connect(count_signup)
+
+live_workers = Gauge(
+    "test_live_workers", "Workers alive (one per process).", multiprocess_mode="livesum"
+)
+live_workers.set(1)
+
+app = Flask("gunicorn-test")
+
+
+@app.get("/signup/<name>")
+def signup(name: str) -> t.Any:
+    signed_up.send(app, name=name)
+    return jsonify(pid=os.getpid())
+
+
+@app.get("/health")
+def health() -> t.Any:
+    return jsonify(pid=os.getpid())
+
+
+SigTrace(app)
