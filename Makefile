@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check sigtrace tests benchmarks examples grafana
+	$(BIN)/ruff check sigtrace tests benchmarks examples grafana deploy
 	$(BIN)/ruff format --check sigtrace
 
 typecheck: $(STAMP)
