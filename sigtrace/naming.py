@@ -152,9 +152,18 @@ def _qualified_name(obj: t.Any, depth: int) -> str:
 def _join(module: object, qualname: object) -> str:
     if not isinstance(qualname, str) or not qualname:
         return UNKNOWN_RECEIVER
+    if module == "__main__":
+        module = _main_module_name()
     if isinstance(module, str) and module:
         return f"{module}.{qualname}"
     return qualname
+
+
+def _main_module_name() -> str:
+    """``python -m app.mail`` runs app.mail as __main__: label it as when imported."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    return name if isinstance(name, str) and name else "__main__"
 
 
 def signal_name(signal: Signal, sender: t.Any = None) -> str:

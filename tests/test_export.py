@@ -1,0 +1,463 @@
+"""Spans exported over OTLP (gRPC and HTTP/protobuf) to a real receiver.
+
+The app runs in a subprocess (``tests/apps/export_app.py``), configured only by
+``OTEL_*`` environment variables as a user would: a process can set the global
+TracerProvider once, and sigtrace sets it up itself from those variables.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from tests.apps.export_app import APP_NAME, FAILING_USER
+from tests.otlp_receiver import PROTOCOLS, ReceivedSpan, Receiver, free_port, running_receiver
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0  # seconds for the subprocess to import everything and listen
+ARRIVAL_TIMEOUT = 15.0  # seconds for exported spans to reach the receiver
+SERVICE = "signup-service"
+HEADER_NAME, HEADER_VALUE = "x-sigtrace-test", "token-123"
+
+RECEIVERS = (
+    "tests.apps.export_app.send_welcome_email",
+    "tests.apps.export_app.count_user",
+    "tests.apps.export_app.write_audit_log",
+)
+
+
+# --------------------------------------------------------------------------
+# The app in a subprocess
+
+
+class AppProcess:
+    """``python -m tests.apps.export_app`` with its output collected by threads."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.apps.export_app"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._stdout: queue.Queue[str] = queue.Queue()
+        self._stderr: list[str] = []
+        self._stderr_lock = threading.Lock()
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self._proc.stdout, self._stdout.put)),
+            threading.Thread(target=self._pump, args=(self._proc.stderr, self._add_stderr)),
+        ]
+        for reader in self._readers:
+            reader.daemon = True
+            reader.start()
+        self.port = self._wait_for_port()
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    @staticmethod
+    def _pump(stream: t.IO[str], put: t.Callable[[str], None]) -> None:
+        for line in stream:
+            put(line)
+
+    def _add_stderr(self, line: str) -> None:
+        with self._stderr_lock:
+            self._stderr.append(line)
+
+    @property
+    def stderr(self) -> str:
+        with self._stderr_lock:
+            return "".join(self._stderr)
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                line = self._stdout.get(timeout=0.1)
+            except queue.Empty:
+                if self._proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("listening on port "):
+                return int(line.split()[-1])
+        self.stop()
+        raise AssertionError(f"export app did not start; stderr:\n{self.stderr}")
+
+    def get(self, path: str, traceparent: str | None = None) -> tuple[int, float]:
+        """GET ``path``; the status and the seconds it took."""
+        headers = {"traceparent": traceparent} if traceparent else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers)
+        started = time.monotonic()
+        try:
+            with self._opener.open(request, timeout=10) as response:
+                response.read()
+                status = int(response.status)
+        except urllib.error.HTTPError as error:
+            error.read()
+            status = error.code
+        return status, time.monotonic() - started
+
+    def wait_for_stderr(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.stderr}")
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        """SIGTERM (SIGKILL after 10 s); the seconds the process took to exit."""
+        started = time.monotonic()
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        took = time.monotonic() - started
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return took
+
+
+def app_env(**settings: str) -> dict[str, str]:
+    """The test process's environment without OTEL_/SIGTRACE_ settings, plus ``settings``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OTEL_", "SIGTRACE_", "PROMETHEUS_MULTIPROC"))
+    }
+    env.update(
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        OTEL_BSP_SCHEDULE_DELAY="100",  # milliseconds
+        OTEL_EXPORTER_OTLP_TIMEOUT="2",  # seconds, as the Python exporters read it
+    )
+    env.update(settings)
+    return env
+
+
+@contextmanager
+def running_app(env: dict[str, str]) -> Iterator[AppProcess]:
+    app = AppProcess(env)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+# --------------------------------------------------------------------------
+# Traces
+
+
+def new_traceparent() -> tuple[str, str, str]:
+    """A sampled W3C traceparent header and its trace and span ids (hex)."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def request_trace(
+    receiver: Receiver, app: AppProcess, user: str
+) -> tuple[int, str, dict[str, ReceivedSpan]]:
+    """GET /signup/<user> under a fresh traceparent; its status, span id and spans by name.
+
+    Waits for the whole trace: the server span, the signal span and as many
+    receiver spans as the signal span counts (blinker does not order receivers,
+    so which ones ran before a failing one varies).
+    """
+    traceparent, trace_id, remote_parent = new_traceparent()
+    status, _ = app.get(f"/signup/{user}", traceparent)
+
+    def complete(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        signal = [s for s in mine if s.name == "signal user-signed-up"]
+        if not signal or not any(s.kind == "SERVER" for s in mine):
+            return []
+        expected = 2 + int(signal[0].attributes["blinker.receivers.count"])
+        return mine if len(mine) >= expected else []
+
+    try:
+        spans = receiver.wait_for(complete, ARRIVAL_TIMEOUT, what=f"trace {trace_id}")
+    except AssertionError as error:
+        partial = sorted(s.name for s in receiver.spans if s.trace_id == trace_id)
+        raise AssertionError(
+            f"{error}\nof this trace: {partial}\napp stderr:\n{app.stderr}"
+        ) from None
+    by_name = {s.name: s for s in spans}
+    assert len(by_name) == len(spans), sorted(s.name for s in spans)
+    return status, remote_parent, by_name
+
+
+@pytest.fixture(scope="module", params=PROTOCOLS)
+def exporting(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, AppProcess]]:
+    """A receiver and the app exporting to it, by OTEL_* variables only."""
+    protocol: str = request.param
+    with running_receiver(protocol) as receiver:
+        env = app_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_SERVICE_NAME=SERVICE,
+            OTEL_EXPORTER_OTLP_HEADERS=f"{HEADER_NAME}={HEADER_VALUE}",
+            OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
+        )
+        with running_app(env) as app:
+            yield receiver, app
+
+
+def test_request_signal_and_receiver_spans_form_one_tree(
+    exporting: tuple[Receiver, AppProcess],
+) -> None:
+    receiver, app = exporting
+    status, remote_parent, spans = request_trace(receiver, app, "alice")
+    assert status == 200
+    server = spans["GET /signup/<name>"]
+    assert server.kind == "SERVER"
+    assert server.parent_span_id == remote_parent
+    assert server.attributes == {
+        "http.request.method": "GET",
+        "http.route": "/signup/<name>",
+        "url.path": "/signup/alice",
+        "url.scheme": "http",
+        "http.response.status_code": 200,
+    }
+    assert server.status == "UNSET"
+    signal = spans["signal user-signed-up"]
+    assert signal.kind == "INTERNAL"
+    assert signal.parent_span_id == server.span_id
+    assert signal.attributes == {
+        "blinker.signal.name": "user-signed-up",
+        "blinker.receivers.count": 3,
+        "flask.app.name": APP_NAME,
+    }
+    for name in RECEIVERS:
+        span = spans[f"receiver {name}"]
+        assert span.kind == "INTERNAL"
+        assert span.parent_span_id == signal.span_id
+        assert span.attributes == {
+            "blinker.signal.name": "user-signed-up",
+            "code.function.name": name,
+        }
+        assert span.status == "UNSET"
+        assert signal.start_ns <= span.start_ns <= span.end_ns <= signal.end_ns
+
+
+def test_a_failing_receiver_exports_error_spans(exporting: tuple[Receiver, AppProcess]) -> None:
+    receiver, app = exporting
+    status, _, spans = request_trace(receiver, app, FAILING_USER)
+    assert status == 500
+    audit = spans["receiver tests.apps.export_app.write_audit_log"]
+    assert audit.status == "ERROR"
+    assert audit.attributes["error.type"] == "tests.apps.export_app.AuditLogUnavailable"
+    assert [name for name, _ in audit.events] == ["exception"]
+    assert spans["signal user-signed-up"].status == "ERROR"
+    server = spans["GET /signup/<name>"]
+    assert server.status == "ERROR"
+    assert server.attributes["http.response.status_code"] == 500
+    assert server.attributes["error.type"] == "tests.apps.export_app.AuditLogUnavailable"
+    receivers = [s for s in spans.values() if s.name.startswith("receiver ")]
+    assert len(receivers) == spans["signal user-signed-up"].attributes["blinker.receivers.count"]
+    assert all(s.status == "UNSET" for s in receivers if s is not audit)
+
+
+def test_the_resource_names_the_service_from_otel_service_name(
+    exporting: tuple[Receiver, AppProcess],
+) -> None:
+    receiver, app = exporting
+    _, _, spans = request_trace(receiver, app, "bob")
+    assert {s.resource.get("service.name") for s in spans.values()} == {SERVICE}
+    assert all(s.resource.get("telemetry.sdk.name") == "opentelemetry" for s in spans.values())
+
+
+def test_otlp_headers_and_compression_from_the_environment_are_used(
+    exporting: tuple[Receiver, AppProcess],
+) -> None:
+    receiver, app = exporting
+    request_trace(receiver, app, "carol")
+    headers = receiver.headers
+    assert headers, "no export request recorded"
+    assert all(h.get(HEADER_NAME) == HEADER_VALUE for h in headers)
+    if receiver.protocol == "http/protobuf":  # a gRPC server does not show the encoding
+        assert all(h.get("content-encoding") == "gzip" for h in headers)
+
+
+def test_without_otel_service_name_the_flask_app_name_is_the_service() -> None:
+    with running_receiver("http/protobuf") as receiver:
+        env = app_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        )
+        with running_app(env) as app:
+            _, _, spans = request_trace(receiver, app, "dave")
+    assert {s.resource.get("service.name") for s in spans.values()} == {APP_NAME}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_INSECURE": "true"}, id="insecure-endpoint-without-scheme"
+        ),
+        pytest.param({"OTEL_EXPORTER_OTLP_COMPRESSION": "none"}, id="compression-none"),
+    ],
+)
+def test_grpc_exporter_settings_from_the_environment(settings: dict[str, str]) -> None:
+    with running_receiver("grpc") as receiver:
+        endpoint = receiver.endpoint
+        if "OTEL_EXPORTER_OTLP_INSECURE" in settings:
+            endpoint = f"127.0.0.1:{receiver.port}"  # no scheme: insecure comes from the variable
+        env = app_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_SERVICE_NAME=SERVICE,
+            **settings,
+        )
+        with running_app(env) as app:
+            status, _, spans = request_trace(receiver, app, "erin")
+    assert status == 200
+    assert spans["GET /signup/<name>"].kind == "SERVER"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_requests_succeed_while_the_endpoint_is_down_and_spans_flow_once_it_is_up(
+    protocol: str,
+) -> None:
+    port = free_port()
+    env = app_env(
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_EXPORTER_OTLP_TIMEOUT="1",
+    )
+    with running_app(env) as app:
+        down_started = time.monotonic()
+        requests = 0
+        while time.monotonic() - down_started < DOWN_SECONDS or FAILED not in app.stderr:
+            assert time.monotonic() - down_started < 20, f"no export failure logged:\n{app.stderr}"
+            status, elapsed = app.get(f"/signup/down-{requests}", new_traceparent()[0])
+            assert status == 200
+            assert elapsed < 1.0, f"request {requests} took {elapsed:.2f}s with the endpoint down"
+            requests += 1
+            time.sleep(0.05)
+        down_log = app.stderr
+
+        with running_receiver(protocol, port) as receiver:
+            arrived = _spans_after_recovery(receiver, app)
+    assert arrived, f"no span made after recovery arrived; stderr:\n{app.stderr}"
+    # every failed batch is a failure, but the log says so once, not per batch
+    lines = [line for line in down_log.splitlines() if "opentelemetry.exporter" in line]
+    print(f"{protocol}: {requests} requests, {len(lines)} exporter log lines while down")
+    assert 1 <= len(lines) <= MAX_EXPORTER_LINES, "\n".join(lines)
+
+
+FAILED = "Failed to export"  # both exporters' message for a dropped batch
+DOWN_SECONDS = 3.0  # with a 1 s export timeout: several failed batches
+MAX_EXPORTER_LINES = 4  # one per message template (about 10 unfiltered)
+
+
+def server_span_of(trace_id: str) -> t.Callable[[list[ReceivedSpan]], bool]:
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        return any(s.trace_id == trace_id and s.kind == "SERVER" for s in spans)
+
+    return arrived
+
+
+def _spans_after_recovery(receiver: Receiver, app: AppProcess) -> list[str]:
+    """Request until a request's server span arrives (20 s at most); its trace id."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        traceparent, trace_id, _ = new_traceparent()
+        status, _ = app.get("/signup/after-recovery", traceparent)
+        assert status == 200
+        try:
+            receiver.wait_for(server_span_of(trace_id), timeout=1.0)
+        except AssertionError:
+            continue
+        return [trace_id]
+    return []
+
+
+def test_the_last_spans_are_flushed_at_exit() -> None:
+    with running_receiver("grpc") as receiver:
+        env = app_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_SERVICE_NAME=SERVICE,
+            OTEL_BSP_SCHEDULE_DELAY="60000",  # nothing leaves before exit
+        )
+        with running_app(env) as app:
+            traceparent, trace_id, _ = new_traceparent()
+            assert app.get("/signup/frank", traceparent)[0] == 200
+            assert receiver.spans == []
+            app.stop()
+        spans = receiver.wait_for(
+            lambda spans: [s for s in spans if s.trace_id == trace_id], timeout=5.0
+        )
+    assert {s.name for s in spans} >= {"GET /signup/<name>", "signal user-signed-up"}
+
+
+def test_a_dead_endpoint_does_not_hold_up_exit() -> None:
+    env = app_env(
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        OTEL_SERVICE_NAME=SERVICE,
+    )
+    del env["OTEL_EXPORTER_OTLP_TIMEOUT"]  # the default 10 s: retries for about 8 s
+    with running_app(env) as app:
+        assert app.get("/signup/gina", new_traceparent()[0])[0] == 200
+        app.wait_for_stderr("Transient error", timeout=10)  # an export is retrying
+        took = app.stop()
+    # the exit hook waits tracing.EXIT_FLUSH_SECONDS (2 s), then stops the retries
+    assert took < 6.0, f"exit took {took:.1f}s"
+
+
+# --------------------------------------------------------------------------
+# The receiver itself, fed by the SDK's own exporters in this process
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_receiver_decodes_spans_from_the_sdk_exporters(protocol: str) -> None:
+    with running_receiver(protocol) as receiver:
+        exporter: t.Any
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True, timeout=5)
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HTTPSpanExporter,
+            )
+
+            exporter = HTTPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces", timeout=5)
+        provider = TracerProvider(resource=Resource.create({"service.name": "receiver-test"}))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        try:
+            tracer = provider.get_tracer("tests")
+            with tracer.start_as_current_span("outer") as outer:
+                outer.set_attribute("answer", 42)
+                with tracer.start_as_current_span("inner"):
+                    pass
+        finally:
+            provider.shutdown()
+        spans = receiver.wait_for(lambda s: s if len(s) >= 2 else [], timeout=10)
+    by_name = {s.name: s for s in spans}
+    assert by_name["inner"].parent_span_id == by_name["outer"].span_id
+    assert by_name["outer"].parent_span_id == ""
+    assert by_name["outer"].attributes == {"answer": 42}
+    assert by_name["outer"].resource["service.name"] == "receiver-test"
+    assert by_name["outer"].kind == "INTERNAL"
