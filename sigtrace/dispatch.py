@@ -7,7 +7,7 @@ DESIGN.md): positional-only sender, muting first, receivers taken lazily from
 ``_sync_wrapper`` with blinker's own errors, the original receivers in the
 result, exceptions propagated as the same object, no reference kept.
 
-The hot path is :func:`send` and :func:`_traced_send`; what they record is
+The hot path is :func:`send` (and its async mirror); what it records is
 bound once per signal and receiver in :mod:`sigtrace.probes`.
 """
 
@@ -22,6 +22,7 @@ from time import perf_counter
 
 from blinker import Signal
 from opentelemetry import trace
+from opentelemetry.trace import get_current_span
 
 from . import naming, tracing
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES, MetricSet
@@ -49,6 +50,8 @@ _MethodType = types.MethodType
 _lock = threading.RLock()
 _refcount = 0
 _active: Instrumentation | None = None
+_tracing = False  # _active has a tracer: sends check for a recording parent
+_root_spans = False  # _active makes root spans for sends outside any span
 _originals: dict[str, t.Any] = {}
 _probes: dict[int, SignalProbe] = {}  # id(signal) -> probe; cleaned by weakref callback
 _probe_refs: dict[int, weakref.ref[Signal]] = {}
@@ -98,59 +101,65 @@ def send(
     if self.is_muted:
         return []
     probe = _probes.get(id(self)) or _new_probe(self, sender)
-    if probe.hooks is not None:
-        return _send_with_hooks(self, probe, sender, _async_wrapper, kwargs)
-    if not self.receivers:
-        probe.count_send()
-        return []
-    if not probe.enabled:
-        return _originals["send"](self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
-    return _traced_send(self, probe, sender, _async_wrapper, kwargs)
-
-
-def _traced_send(
-    signal: Signal,
-    probe: SignalProbe,
-    sender: t.Any,
-    async_wrapper: Wrapper | None,
-    kwargs: dict[str, t.Any],
-) -> Results:
-    probe.count_send()
-    results: Results = []
-    by_identity = probe.by_identity
-    started = 0.0
-    spans: SendSpans | None = None
+    hooks = probe.hooks  # sigtrace's own request timing, on Flask's request signals
+    if hooks is not None:
+        _run_hook(hooks.before, sender, kwargs)
     try:
-        for receiver in signal.receivers_for(sender):
-            if not started:  # the first receiver: a send worth timing and tracing
-                spans = SendSpans.open(_active, probe, sender, kwargs)
-                started = perf_counter()
-            key = receiver.__func__ if type(receiver) is _MethodType else receiver
-            receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
-            if is_coroutine:
-                if async_wrapper is None:
-                    raise RuntimeError("Cannot send to a coroutine function.")
-                call = async_wrapper(receiver)
-            else:
-                call = receiver
-            if spans is not None:
-                result = spans.call(receiver_probe, call, sender, kwargs)
-            else:
-                call_started = perf_counter()
-                try:
-                    result = call(sender, **kwargs)
-                except BaseException as exc:
-                    receiver_probe.record(perf_counter() - call_started, None, exc)
-                    raise
-                receiver_probe.record(perf_counter() - call_started, None, None)
-            results.append((receiver, result))
-    except BaseException as exc:
-        if started:
-            probe.finish(started, spans, exc)
-        raise
-    if started:
-        probe.finish(started, spans, None)
-    return results
+        if not self.receivers:
+            probe.count_send()
+            return []
+        if not probe.enabled:
+            return _originals["send"](self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
+        probe.count_send()
+        results: Results = []
+        by_identity = probe.by_identity
+        started = 0.0
+        spans: SendSpans | None = None
+        try:
+            for receiver in self.receivers_for(sender):
+                if not started:  # the first receiver: a send worth timing and tracing
+                    if _tracing and (_root_spans or get_current_span().is_recording()):
+                        spans = SendSpans.open(_active, probe, sender, kwargs)
+                    started = perf_counter()
+                key = receiver.__func__ if type(receiver) is _MethodType else receiver
+                receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
+                if is_coroutine:
+                    if _async_wrapper is None:
+                        raise RuntimeError("Cannot send to a coroutine function.")
+                    call = _async_wrapper(receiver)
+                else:
+                    call = receiver
+                if spans is not None:
+                    result = spans.call(receiver_probe, call, sender, kwargs)
+                else:
+                    call_started = perf_counter()
+                    try:
+                        result = call(sender, **kwargs)
+                    except BaseException as exc:
+                        receiver_probe.record(perf_counter() - call_started, None, exc)
+                        raise
+                    elapsed = perf_counter() - call_started
+                    try:
+                        receiver_probe.duration.observe(elapsed, None)
+                    except Exception:
+                        internal_error("receiver metrics")
+                results.append((receiver, result))
+        except BaseException as exc:
+            if started:
+                probe.finish(started, spans, exc)
+            raise
+        if spans is not None:
+            probe.finish(started, spans, None)
+        elif started:
+            elapsed = perf_counter() - started
+            try:
+                probe.duration.observe(elapsed, None)
+            except Exception:
+                internal_error("signal metrics")
+        return results
+    finally:
+        if hooks is not None:
+            _run_hook(hooks.after, sender, kwargs)
 
 
 async def send_async(
@@ -178,7 +187,8 @@ async def send_async(
     try:
         for receiver in self.receivers_for(sender):
             if not started:
-                spans = SendSpans.open(_active, probe, sender, kwargs)
+                if _tracing and (_root_spans or get_current_span().is_recording()):
+                    spans = SendSpans.open(_active, probe, sender, kwargs)
                 started = perf_counter()
             key = receiver.__func__ if type(receiver) is _MethodType else receiver
             receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
@@ -206,27 +216,6 @@ async def send_async(
     if started:
         probe.finish(started, spans, None)
     return results
-
-
-def _send_with_hooks(
-    signal: Signal,
-    probe: SignalProbe,
-    sender: t.Any,
-    async_wrapper: Wrapper | None,
-    kwargs: dict[str, t.Any],
-) -> Results:
-    hooks = probe.hooks
-    assert hooks is not None
-    _run_hook(hooks.before, sender, kwargs)
-    try:
-        if not probe.enabled:
-            return _originals["send"](signal, sender, _async_wrapper=async_wrapper, **kwargs)  # type: ignore[no-any-return]
-        if not signal.receivers:
-            probe.count_send()
-            return []
-        return _traced_send(signal, probe, sender, async_wrapper, kwargs)
-    finally:
-        _run_hook(hooks.after, sender, kwargs)
 
 
 def _run_hook(hook: t.Any, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
@@ -267,7 +256,7 @@ def instrument(
     :param registry: where metrics go; ``prometheus_client.REGISTRY`` by default.
     :param tracer_provider: where spans go; the global provider by default.
     """
-    global _refcount, _active
+    global _refcount, _active, _tracing, _root_spans
     with _lock:
         if _refcount:
             assert _active is not None
@@ -289,6 +278,8 @@ def instrument(
             registry, tracer_provider, metrics, tracing_enabled, spans, root_spans,
             include, exclude, record_kwargs, buckets, max_label_values,
         )  # fmt: skip
+        _tracing = _active.tracer is not None
+        _root_spans = _tracing and _active.root_spans
         _probes.clear()
         _probe_refs.clear()
         _originals["send"] = Signal.__dict__["send"]
@@ -304,7 +295,7 @@ def uninstrument() -> None:
     After it, ``Signal.send is`` the function that was there before the first
     ``instrument()``. Extra calls do nothing.
     """
-    global _refcount, _active
+    global _refcount, _active, _tracing, _root_spans
     with _lock:
         if _refcount == 0:
             return
@@ -314,6 +305,7 @@ def uninstrument() -> None:
         Signal.send = _originals.pop("send")  # type: ignore[method-assign]
         Signal.send_async = _originals.pop("send_async")  # type: ignore[method-assign]
         _active = None
+        _tracing = _root_spans = False
         _probes.clear()
         _probe_refs.clear()
 

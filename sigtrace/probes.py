@@ -246,10 +246,10 @@ class SignalProbe:
     def finish(self, started: float, spans: SendSpans | None, exc: BaseException | None) -> None:
         """Observe the send's duration and end its span; never raises."""
         try:
-            self.duration.observe(
-                perf_counter() - started, spans.exemplar if spans is not None else None
-            )
-            if spans is not None:
+            if spans is None:
+                self.duration.observe(perf_counter() - started, None)
+            else:
+                self.duration.observe(perf_counter() - started, spans.exemplar)
                 spans.close(exc)
         except Exception:
             internal_error("signal recording")
