@@ -51,7 +51,7 @@ def _port(value: object) -> int | None:
         raise TypeError("a TCP port number from 0 to 65535")
     try:
         port = int(t.cast(t.Any, value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError("a TCP port number from 0 to 65535") from None
     if not 0 <= port <= 65535 or (isinstance(value, float) and value != port):
         raise TypeError("a TCP port number from 0 to 65535")
@@ -93,7 +93,7 @@ def _buckets(value: object) -> tuple[float, ...]:
         raise TypeError(expected)
     try:
         bounds = [float(t.cast(t.Any, item)) for item in raw if not isinstance(item, bool)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(expected) from None
     if (
         not bounds
@@ -110,7 +110,7 @@ def _positive_int(value: object) -> int:
         raise TypeError("a whole number of at least 1")
     try:
         number = int(t.cast(t.Any, value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError("a whole number of at least 1") from None
     if number < 1 or (isinstance(value, float) and value != number):
         raise TypeError("a whole number of at least 1")
@@ -173,6 +173,15 @@ class Settings:
     console_spans: bool = False
 
 
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error message: bounded, and never raising."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def load_settings(
     config: Mapping[str, t.Any], environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -180,7 +189,7 @@ def load_settings(
     environ = os.environ if environ is None else environ
     for source, where in ((config, "app.config"), (environ, "the environment")):
         for key in source:
-            if key.startswith("SIGTRACE_") and key not in KEYS:
+            if isinstance(key, str) and key.startswith("SIGTRACE_") and key not in KEYS:
                 close = difflib.get_close_matches(key, KEYS, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 raise ConfigError(
@@ -200,6 +209,6 @@ def load_settings(
             values[key.removeprefix("SIGTRACE_").lower()] = spec.parse(raw)
         except TypeError as expected:
             raise ConfigError(
-                f"{key}={raw!r} (from {where}) is invalid: expected {expected}"
+                f"{key}={_shown(raw)} (from {where}) is invalid: expected {expected}"
             ) from None
     return Settings(**values)

@@ -105,13 +105,6 @@ class _Request:
             context = span.get_span_context()
             if context.trace_flags.sampled:
                 exemplar = {"trace_id": format(context.trace_id, "032x")}
-        metrics = self.state.metrics
-        if metrics is not None:
-            key = (self.method, self.endpoint, str(status))
-            child = self.state.durations.get(key)
-            if child is None:
-                child = self.state.durations[key] = metrics.http_duration.child(*key)
-            child.observe(elapsed, exemplar)
         if span is not None:
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
@@ -123,6 +116,14 @@ class _Request:
             if self.token is not None:
                 otel_context.detach(self.token)
             span.end()
+        # Last: a failing metric backend must not leave the span open and attached.
+        metrics = self.state.metrics
+        if metrics is not None:
+            key = (self.method, self.endpoint, str(status))
+            child = self.state.durations.get(key)
+            if child is None:
+                child = self.state.durations[key] = metrics.http_duration.child(*key)
+            child.observe(elapsed, exemplar)
 
 
 def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:

@@ -186,7 +186,8 @@ class Family:
             if child is None:
                 child = self._make_child(key)
                 self._canonical[key] = child
-            self._children[values] = child
+            if key == values:  # folded values are not kept: they are unbounded
+                self._children[values] = child
             return child
 
     def _capped(self, values: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ never the send.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import threading
 import types
@@ -61,13 +62,19 @@ _faults_logged: set[str] = set()
 
 
 def internal_error(where: str) -> None:
-    """Log a fault inside sigtrace once per place; never raise."""
+    """Log a fault inside sigtrace once per place; never raise.
+
+    Only the process's first fault is a warning: one broken part (a tracer, a
+    metric backend) fails in several places, and the log must not fill up.
+    """
     try:
         with _fault_lock:
             if where in _faults_logged:
                 return
+            first = not _faults_logged
             _faults_logged.add(where)
-        log.warning(
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
             "sigtrace: internal error in %s; the app is unaffected and this is logged once",
             where,
             exc_info=True,
@@ -78,6 +85,24 @@ def internal_error(where: str) -> None:
 
 def _noop() -> None:
     return None
+
+
+def _never_raising(inc: Callable[[], object]) -> Callable[[], object]:
+    """``inc`` itself when it cannot fail (our counter's C increment), else guarded.
+
+    prometheus-client's multiprocess counters write to mmap files and can fail;
+    the hot path calls ``count_send()`` unguarded, so the guard lives here.
+    """
+    if isinstance(getattr(inc, "__self__", None), itertools.count):
+        return inc
+
+    def guarded() -> None:
+        try:
+            inc()
+        except Exception:
+            internal_error("send counting")
+
+    return guarded
 
 
 class _NoHistogram:
@@ -164,6 +189,7 @@ class ReceiverProbe:
             internal_error("receiver metrics")
 
 
+_MAX_SHARED_RECEIVERS = 1000  # receiver names a signal keeps probes for
 Binding = tuple[ReceiverProbe, bool]  # (probe, receiver is a coroutine function)
 
 
@@ -197,7 +223,7 @@ class SignalProbe:
         metrics = active.metrics if active is not None and self.enabled else None
         self._metrics = metrics
         self.count_send: Callable[[], object] = (
-            metrics.signal_sends.child(name).inc if metrics else _noop
+            _never_raising(metrics.signal_sends.child(name).inc) if metrics else _noop
         )
         self.duration = metrics.signal_duration.child(name) if metrics else NO_HISTOGRAM
         self.receivers: dict[str, ReceiverProbe] = {}
@@ -214,13 +240,18 @@ class SignalProbe:
             info = naming.receiver_info(receiver)
             probe = self.receivers.get(info.name)
             if probe is None:
-                probe = self.receivers[info.name] = ReceiverProbe(self, info.name, self._metrics)
+                probe = ReceiverProbe(self, info.name, self._metrics)
+                # Shared by name up to a bound; past it each binding owns its
+                # probe, which leaves with the receiver (names are unbounded).
+                if len(self.receivers) < _MAX_SHARED_RECEIVERS:
+                    self.receivers[info.name] = probe
             binding = (probe, info.is_coroutine)
         except Exception:
-            internal_error("receiver naming")
             from inspect import iscoroutinefunction
 
-            return self._unknown(), iscoroutinefunction(receiver)
+            is_coroutine = iscoroutinefunction(receiver)  # raises where blinker's send would
+            internal_error("receiver naming")
+            return self._unknown(), is_coroutine
         key = receiver.__func__ if type(receiver) is types.MethodType else receiver
         key_id = id(key)
         by_identity, refs = self.by_identity, self._refs
@@ -246,13 +277,16 @@ class SignalProbe:
     def finish(self, started: float, spans: SendSpans | None, exc: BaseException | None) -> None:
         """Observe the send's duration and end its span; never raises."""
         try:
-            if spans is None:
-                self.duration.observe(perf_counter() - started, None)
-            else:
-                self.duration.observe(perf_counter() - started, spans.exemplar)
-                spans.close(exc)
+            self.duration.observe(
+                perf_counter() - started, spans.exemplar if spans is not None else None
+            )
         except Exception:
-            internal_error("signal recording")
+            internal_error("signal metrics")
+        if spans is not None:
+            try:
+                spans.close(exc)  # even when the metric failed: it detaches the context
+            except Exception:
+                internal_error("signal span end")
 
 
 DISABLED_PROBE = SignalProbe(naming.ANONYMOUS_SIGNAL, None, None)

@@ -73,16 +73,23 @@ def mark_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
 
 
+def _fits_int64(value: int) -> bool:
+    return -(2**63) <= value < 2**63
+
+
 def kwarg_attributes(keys: frozenset[str], kwargs: dict[str, t.Any]) -> dict[str, t.Any]:
     """Attributes for the kwargs the user allow-listed, values made safe."""
     attributes: dict[str, t.Any] = {}
     for key in keys:
         if key in kwargs:
             value = kwargs[key]
-            if not isinstance(value, (str, bool, int, float)):
+            if isinstance(value, int) and not isinstance(value, bool) and not _fits_int64(value):
+                value = str(value)  # OTLP ints are int64: the exporter would drop it
+            elif not isinstance(value, (str, bool, int, float)):
                 value = str(value)
-            if isinstance(value, str) and len(value) > 256:
-                value = value[:256]
+            if isinstance(value, str):
+                # Lone surrogates are not UTF-8: the exporter would drop the value.
+                value = value[:256].encode("utf-8", "replace").decode("utf-8")
             attributes[ATTR_KWARG_PREFIX + key] = value
     return attributes
 
