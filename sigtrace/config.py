@@ -151,6 +151,9 @@ KEYS: dict[str, _Key] = {
 }
 
 
+_SECRET_KEYS = frozenset({"SIGTRACE_METRICS_TOKEN"})  # never echoed in errors
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Validated settings of one app."""
@@ -209,6 +212,7 @@ def load_settings(
             values[key.removeprefix("SIGTRACE_").lower()] = spec.parse(raw)
         except TypeError as expected:
             raise ConfigError(
-                f"{key}={_shown(raw)} (from {where}) is invalid: expected {expected}"
+                f"{key}={'<redacted>' if key in _SECRET_KEYS else _shown(raw)} (from {where}) "
+                f"is invalid: expected {expected}"
             ) from None
     return Settings(**values)

@@ -61,28 +61,32 @@ _seen_signals: weakref.WeakSet[Signal] = weakref.WeakSet()
 
 def _new_probe(signal: Signal, sender: t.Any) -> SignalProbe:
     """Bind a signal at its first send (under the lock: names are looked up once)."""
-    try:
-        with _lock:
-            key = id(signal)
-            found = _probes.get(key)
-            if found is not None:
-                return found
-            active = _active
-            if active is None:  # raced with uninstrument(): record nothing
-                return DISABLED_PROBE
+    with _lock:
+        key = id(signal)
+        found = _probes.get(key)
+        if found is not None:
+            return found
+        active = _active
+        if active is None:  # raced with uninstrument(): record nothing
+            return DISABLED_PROBE
+        try:
             probe = SignalProbe(naming.signal_name(signal, sender), active, _hooks.get(key))
+        except Exception:
+            internal_error("signal binding")
+            # Unrecorded from now on, but sigtrace's request hooks keep running.
+            probe = SignalProbe(naming.ANONYMOUS_SIGNAL, None, _hooks.get(key))
 
-            def forget(_ref: weakref.ref[Signal], key: int = key) -> None:
-                _probes.pop(key, None)
-                _probe_refs.pop(key, None)
+        def forget(_ref: weakref.ref[Signal], key: int = key) -> None:
+            _probes.pop(key, None)
+            _probe_refs.pop(key, None)
 
+        try:
             _probe_refs[key] = weakref.ref(signal, forget)
-            _probes[key] = probe
-            _seen_signals.add(signal)
-            return probe
-    except Exception:
-        internal_error("signal naming")
-        return DISABLED_PROBE
+        except TypeError:
+            return probe  # not weakly referenceable: bound again at each send
+        _probes[key] = probe
+        _seen_signals.add(signal)
+        return probe
 
 
 # --------------------------------------------------------------------------
