@@ -1,8 +1,11 @@
 """``flask sigtrace signals``: every signal this process knows, with its receivers.
 
 Signals listed: Flask's own (``flask.signals``), those of blinker's
-``default_namespace`` and any signal sent since sigtrace instrumented the
-process. For each connected receiver: its metric label, weak or strong, the
+``default_namespace``, any signal sent since sigtrace instrumented the
+process, and any other live signal that has receivers (custom namespaces,
+anonymous class attributes), found by one scan of the garbage collector's
+objects: fine for a one-off command, never done on a send. For each connected
+receiver: its metric label, weak or strong, the
 senders it is connected for and, when metrics are on, its calls, p50 / p99
 latency and errors, read from this process's registry. sigtrace's own request
 hooks are not receivers (see :class:`sigtrace.dispatch.Hooks`), so they never
@@ -16,6 +19,7 @@ bucket holding the rank, the highest finite bound when it falls in ``+Inf``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import types
@@ -80,16 +84,40 @@ class SignalRow:
 
 
 def known_signals() -> list[Signal]:
-    """Flask's signals, blinker's default namespace and every signal sent since
-    instrumentation, each once."""
+    """Flask's signals, blinker's default namespace, every signal sent since
+    instrumentation and every live signal with receivers, each once."""
     found: dict[int, Signal] = {}
     candidates: list[object] = [*vars(flask_signals).values()]
     candidates += list(blinker.default_namespace.values())
     candidates += dispatch.seen_signals()
+    candidates += [o for o in gc.get_objects() if isinstance(o, Signal) and o.receivers]
     for candidate in candidates:
         if isinstance(candidate, Signal):
             found.setdefault(id(candidate), candidate)
     return list(found.values())
+
+
+def _owner_name(signal: Signal) -> str:
+    """The label a signal gets; for an anonymous one not sent yet, found through
+    the objects that refer to it (a class attribute or a module global), as its
+    first send would name it."""
+    name = naming.signal_name(signal)
+    if name != naming.ANONYMOUS_SIGNAL:
+        return name
+    for holder in gc.get_referrers(signal):
+        if not isinstance(holder, dict):
+            continue
+        for owner in gc.get_referrers(holder):
+            if isinstance(owner, type):
+                for attr, value in vars(owner).items():
+                    if value is signal:
+                        return naming.clean_label(f"{owner.__module__}.{owner.__qualname__}.{attr}")
+        module = holder.get("__name__")
+        if isinstance(module, str) and "__builtins__" in holder:
+            for attr, value in holder.items():
+                if value is signal:
+                    return naming.clean_label(f"{module}.{attr}")
+    return name
 
 
 def _connections(signal: Signal) -> list[tuple[t.Any, bool, list[object]]]:
@@ -224,7 +252,7 @@ def signal_inventory(registry: CollectorRegistry | None, metrics: bool) -> list[
     )
     rows: list[SignalRow] = []
     for signal in known_signals():
-        name = dispatch.probe_name(signal) or naming.signal_name(signal)
+        name = dispatch.probe_name(signal) or _owner_name(signal)
         receivers = []
         for receiver, weak, senders in _connections(signal):
             row = ReceiverRow(

@@ -318,3 +318,30 @@ def test_command_fails_cleanly_once_sigtrace_is_closed(registry: CollectorRegist
     result = app.test_cli_runner().invoke(args=["sigtrace", "signals"])
     assert result.exit_code == 1
     assert "SigTrace is not initialised on this app" in result.output
+
+
+private_signals = blinker.Namespace()
+never_sent = private_signals.signal("cli-test-never-sent")
+
+
+class Worker:
+    on_ready = blinker.Signal()
+
+
+def on_never_sent(sender: object, **kwargs: object) -> None:
+    return None
+
+
+def test_unsent_signals_with_receivers_are_listed_by_their_label(app: Flask) -> None:
+    never_sent.connect(on_never_sent)
+    Worker.on_ready.connect(on_never_sent)
+    try:
+        signals = by_name(signals_json(app))
+    finally:
+        never_sent.disconnect(on_never_sent)
+        Worker.on_ready.disconnect(on_never_sent)
+    assert signals["cli-test-never-sent"]["sends"] == 0
+    receiver = f"{__name__}.on_never_sent"
+    assert [r["name"] for r in signals["cli-test-never-sent"]["receivers"]] == [receiver]
+    anonymous = signals[f"{__name__}.Worker.on_ready"]
+    assert [r["name"] for r in anonymous["receivers"]] == [receiver]
