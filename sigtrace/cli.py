@@ -90,11 +90,25 @@ def known_signals() -> list[Signal]:
     candidates: list[object] = [*vars(flask_signals).values()]
     candidates += list(blinker.default_namespace.values())
     candidates += dispatch.seen_signals()
-    candidates += [o for o in gc.get_objects() if isinstance(o, Signal) and o.receivers]
+    candidates += _live_signals_with_receivers()
     for candidate in candidates:
         if isinstance(candidate, Signal):
             found.setdefault(id(candidate), candidate)
     return list(found.values())
+
+
+def _live_signals_with_receivers() -> list[Signal]:
+    """Every live ``Signal`` with receivers. ``type()`` rather than ``isinstance``:
+    the heap holds mocks that claim to be signals and objects whose class
+    attributes raise."""
+    found: list[Signal] = []
+    for obj in gc.get_objects():
+        try:
+            if issubclass(type(obj), Signal) and obj.receivers:
+                found.append(obj)
+        except Exception:
+            continue
+    return found
 
 
 def _owner_name(signal: Signal) -> str:

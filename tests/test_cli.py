@@ -95,7 +95,7 @@ def send_orders(shop: int, other: int, negative: int) -> None:
 
 def run_cli(app: Flask, *args: str) -> str:
     result = app.test_cli_runner().invoke(args=["sigtrace", "signals", *args])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, (result.output, repr(result.exception))
     return result.output
 
 
@@ -345,3 +345,28 @@ def test_unsent_signals_with_receivers_are_listed_by_their_label(app: Flask) -> 
     assert [r["name"] for r in signals["cli-test-never-sent"]["receivers"]] == [receiver]
     anonymous = signals[f"{__name__}.Worker.on_ready"]
     assert [r["name"] for r in anonymous["receivers"]] == [receiver]
+
+
+class _Hostile(type):
+    def __getattribute__(cls, name: str) -> t.Any:
+        if name == "__class__":
+            raise RuntimeError("no class for you")
+        return super().__getattribute__(name)
+
+
+class _HostileObject(metaclass=_Hostile):
+    pass
+
+
+def test_the_heap_scan_survives_hostile_objects_and_signal_mocks(app: Flask) -> None:
+    from unittest import mock
+
+    hostile = _HostileObject()
+    fake = mock.Mock(spec=blinker.Signal)  # isinstance(fake, Signal) is True
+    never_sent.connect(on_never_sent)
+    try:
+        signals = by_name(signals_json(app))
+    finally:
+        never_sent.disconnect(on_never_sent)
+    assert "cli-test-never-sent" in signals
+    assert hostile is not None and fake is not None
