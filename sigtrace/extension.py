@@ -43,6 +43,7 @@ from . import dispatch, tracing
 from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
+from .probes import exemplar_of
 
 __all__ = ["SigTrace", "UNMATCHED_ENDPOINT"]
 
@@ -102,10 +103,7 @@ class _Request:
         span = self.span
         exemplar = None
         if span is not None:
-            context = span.get_span_context()
-            if context.trace_flags.sampled:
-                exemplar = {"trace_id": format(context.trace_id, "032x")}
-        if span is not None:
+            exemplar = exemplar_of(span)
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 if self.exception is not None:

@@ -34,6 +34,7 @@ from .metrics import MetricSet, metric_set
 
 __all__ = [
     "Hooks",
+    "exemplar_of",
     "Instrumentation",
     "ReceiverProbe",
     "SendSpans",
@@ -292,7 +293,8 @@ class SignalProbe:
 DISABLED_PROBE = SignalProbe(naming.ANONYMOUS_SIGNAL, None, None)
 
 
-def _trace_id(span: Span) -> dict[str, str] | None:
+def exemplar_of(span: Span) -> dict[str, str] | None:
+    """The exemplar labels for observations under ``span``: its trace id, if sampled."""
     context = span.get_span_context()
     if context.trace_flags.sampled:
         return {"trace_id": format(context.trace_id, "032x")}
@@ -336,7 +338,7 @@ class SendSpans:
             parent = trace.get_current_span()
             if not parent.is_recording() and (parent is not INVALID_SPAN or not active.root_spans):
                 return None  # unsampled parent, or no parent and no root spans
-            spans = SendSpans(active.tracer, _trace_id(parent))
+            spans = SendSpans(active.tracer, exemplar_of(parent))
             spans.with_receivers = active.receiver_spans
             if active.signal_spans:
                 spans._start_signal_span(active, probe, sender, kwargs)
@@ -363,7 +365,7 @@ class SendSpans:
         self.span = span
         self.token = otel_context.attach(trace.set_span_in_context(span))
         if self.exemplar is None:
-            self.exemplar = _trace_id(span)
+            self.exemplar = exemplar_of(span)
 
     def call(
         self,
