@@ -157,8 +157,9 @@ class Family:
         self.kind = kind
         self.bounds = (*sorted(set(buckets)), INF)
         self.max_label_values = max_label_values
-        self._children: dict[tuple[str, ...], t.Any] = {}  # requested values -> child
-        self._canonical: dict[tuple[str, ...], t.Any] = {}  # capped values -> child
+        # capped values -> child; values folded past the cap are not keys (they
+        # are unbounded) and take the locked path to the overflow child.
+        self._children: dict[tuple[str, ...], t.Any] = {}
         self._seen: list[set[str]] = [set() for _ in self.labelnames]
         self._warned: set[str] = set() if warned is None else warned  # shared: one warning a label
         self._lock = threading.Lock()
@@ -182,12 +183,9 @@ class Family:
             return found
         with self._lock:
             key = self._capped(values)
-            child = self._canonical.get(key)
+            child = self._children.get(key)
             if child is None:
-                child = self._make_child(key)
-                self._canonical[key] = child
-            if key == values:  # folded values are not kept: they are unbounded
-                self._children[values] = child
+                child = self._children[key] = self._make_child(key)
             return child
 
     def _capped(self, values: tuple[str, ...]) -> tuple[str, ...]:
@@ -220,7 +218,7 @@ class Family:
     def collect(self) -> CounterMetricFamily | HistogramMetricFamily:
         """The family's current samples (single-process backend only)."""
         with self._lock:
-            items = list(self._canonical.items())
+            items = list(self._children.items())
         if self.kind == "counter":
             counter = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
             for values, child in items:
