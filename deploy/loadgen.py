@@ -4,7 +4,7 @@
 signup app's routes (sign-ups mostly, some ``/boom`` and 404s so the error
 panels and alerts have something to show) at about ``--rps`` requests per
 second, with a few concurrent clients, and prints a count per status every
-``--report-every`` seconds. Standard library only.
+``--report-every`` seconds. Standard library only (and ``examples/routes.py``).
 """
 
 from __future__ import annotations
@@ -12,25 +12,16 @@ from __future__ import annotations
 import argparse
 import collections
 import random
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
-ROUTES: tuple[tuple[str, int], ...] = (
-    ("/signup/{name}", 6),
-    ("/async-signup/{name}", 2),
-    ("/process/job-{n}", 2),
-    ("/health", 1),
-    ("/boom", 1),
-    ("/no-such-page", 1),
-)
-NAMES = ("ada", "grace", "linus", "barbara", "ken", "margaret")
-
-
-def pick_path(rng: random.Random) -> str:
-    paths = [path for path, weight in ROUTES for _ in range(weight)]
-    return rng.choice(paths).format(name=rng.choice(NAMES), n=rng.randint(1, 9))
+# Run as a script (python deploy/loadgen.py): the repository root holds examples/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples.routes import pick_path
 
 
 def request(base_url: str, path: str, timeout: float) -> str:

@@ -20,24 +20,15 @@ import urllib.request
 
 from werkzeug.serving import make_server
 
+from examples.routes import pick_path
 from examples.signup_app import create_app
-
-ROUTES = (
-    ("/signup/{name}", 6),
-    ("/async-signup/{name}", 2),
-    ("/process/job-{n}", 2),
-    ("/health", 1),
-    ("/boom", 1),
-    ("/no-such-page", 1),
-)
 
 
 def drive_traffic(base: str, rps: float, stop: threading.Event) -> None:
     """Request the demo's routes at about ``rps`` per second until ``stop``."""
-    paths = [path for path, weight in ROUTES for _ in range(weight)]
-    names = ("ada", "grace", "linus", "barbara", "ken")
+    rng = random.Random()
     while not stop.wait(1.0 / rps):
-        path = random.choice(paths).format(name=random.choice(names), n=random.randint(1, 9))
+        path = pick_path(rng)
         try:
             with urllib.request.urlopen(base + path, timeout=5) as response:
                 response.read()
