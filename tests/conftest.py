@@ -8,6 +8,8 @@ import typing as t
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +29,15 @@ def require_tool(name: str) -> str:
             pytest.fail(message + " [STRICT_REAL_COMPONENTS is set, so this cannot skip]")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def clean_otel_context() -> Iterator[None]:
+    """Run in an empty OpenTelemetry context and restore the caller's afterwards,
+    even if a span was left attached (a leak must not spill into other tests)."""
+    token = otel_context.attach(Context())
+    yield
+    otel_context.detach(token)
 
 
 @pytest.fixture

@@ -17,9 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from blinker import NamedSignal
 from flask import Flask, current_app
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -34,6 +32,8 @@ THREADS = 16
 PER_THREAD = 60
 TASKS = 200
 
+pytestmark = pytest.mark.usefixtures("clean_otel_context")
+
 
 @pytest.fixture(autouse=True)
 def frequent_thread_switches() -> Iterator[None]:
@@ -42,15 +42,6 @@ def frequent_thread_switches() -> Iterator[None]:
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(interval)
-
-
-@pytest.fixture(autouse=True)
-def clean_context() -> Iterator[None]:
-    """Run in an empty OpenTelemetry context and restore the caller's afterwards,
-    even if a span was left attached (a leak must not spill into other tests)."""
-    token = otel_context.attach(Context())
-    yield
-    otel_context.detach(token)
 
 
 class Spans:

@@ -33,9 +33,7 @@ from pathlib import Path
 import pytest
 from blinker import NamedSignal
 from flask import Flask, current_app, jsonify
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -45,6 +43,8 @@ from sigtrace import SigTrace, dispatch, metrics, naming, probes
 
 ROUNDS = 25
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("clean_otel_context")
 
 
 class InjectedFault(Exception):
@@ -194,15 +194,6 @@ def run_script(world: World, parent_tracer: trace.Tracer, rounds: int = ROUNDS) 
         out.append(("current span after job", current_span_name()))
     out.append(("calls", sorted(world.calls)))
     return out
-
-
-@pytest.fixture(autouse=True)
-def clean_context() -> Iterator[None]:
-    """Run in an empty OpenTelemetry context and restore the caller's afterwards,
-    even if a span was left attached (a leak must not spill into other tests)."""
-    token = otel_context.attach(Context())
-    yield
-    otel_context.detach(token)
 
 
 @pytest.fixture
