@@ -14,7 +14,6 @@ bound once per signal and receiver in :mod:`sigtrace.probes`.
 from __future__ import annotations
 
 import threading
-import types
 import typing as t
 import weakref
 from collections.abc import Callable, Iterable
@@ -22,7 +21,7 @@ from time import perf_counter
 
 from blinker import Signal
 from opentelemetry import trace
-from opentelemetry.trace import get_current_span
+from opentelemetry.trace import Span
 
 from . import naming, tracing
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES, MetricSet
@@ -45,7 +44,10 @@ __all__ = [
 
 Results = list[tuple[Callable[..., t.Any], t.Any]]
 Wrapper = Callable[[Callable[..., t.Any]], Callable[..., t.Any]]
-_MethodType = types.MethodType
+_recording_parent = tracing.recording_parent
+# Typed for the one key read through it: SPAN_KEY holds a Span.
+_current_context = t.cast("Callable[[], dict[str, Span]]", tracing.current_context)
+_SPAN_KEY = tracing.SPAN_KEY
 
 _lock = threading.RLock()
 _refcount = 0
@@ -54,6 +56,7 @@ _tracing = False  # _active has a tracer: sends check for a recording parent
 _root_spans = False  # _active makes root spans for sends outside any span
 _originals: dict[str, t.Any] = {}
 _probes: dict[int, SignalProbe] = {}  # id(signal) -> probe; cleaned by weakref callback
+_probes_get = _probes.get
 _probe_refs: dict[int, weakref.ref[Signal]] = {}
 _hooks: dict[int, Hooks] = {}
 _seen_signals: weakref.WeakSet[Signal] = weakref.WeakSet()
@@ -101,10 +104,72 @@ def send(
     _async_wrapper: Wrapper | None = None,
     **kwargs: t.Any,
 ) -> Results:
-    """blinker's ``Signal.send``, recording metrics and spans (see module doc)."""
+    """blinker's ``Signal.send``, recording metrics and spans (see module doc).
+
+    The common case (a recorded signal, no span to make, sigtrace's own
+    histograms) runs here, with nothing allocated beyond blinker's own results
+    and one C call per observation; the rest goes to :func:`_send_general`.
+    """
     if self.is_muted:
         return []
-    probe = _probes.get(id(self)) or _new_probe(self, sender)
+    probe = _probes_get(id(self)) or _new_probe(self, sender)
+    if not probe.lean:  # hooks, excluded, metrics off or multiprocess
+        return _send_general(self, probe, sender, _async_wrapper, kwargs)
+    probe.count_send()
+    if not self.receivers:
+        return []
+    if _tracing and (
+        _root_spans  # tracing.recording_parent(), inlined:
+        or ((span := _current_context().get(_SPAN_KEY)) is not None and span.is_recording())
+    ):
+        return _send_general(self, probe, sender, _async_wrapper, kwargs, counted=True)
+    results: Results = []
+    bound = probe.by_identity
+    started = ended = 0.0
+    try:
+        for receiver in self.receivers_for(sender):
+            receiver_probe, is_coroutine, add = bound.get(id(receiver)) or probe.lookup(receiver)
+            if is_coroutine:  # _sync_callable(), inlined
+                if _async_wrapper is None:
+                    raise RuntimeError("Cannot send to a coroutine function.")
+                call = _async_wrapper(receiver)
+            else:
+                call = receiver
+            call_started = perf_counter()
+            if not started:
+                started = call_started
+            try:
+                result = call(sender, **kwargs)
+            except BaseException as exc:
+                receiver_probe.record(perf_counter() - call_started, None, exc)
+                raise
+            ended = perf_counter()
+            try:
+                add(ended - call_started)  # type: ignore[misc]  # lean: never None
+            except Exception:
+                internal_error("receiver metrics")
+            results.append((receiver, result))
+    except BaseException as exc:
+        if started:
+            probe.finish(started, None, exc)
+        raise
+    if started:  # the signal's time: first receiver's start to last one's end
+        try:
+            probe.add(ended - started)  # type: ignore[misc]
+        except Exception:
+            internal_error("signal metrics")
+    return results
+
+
+def _send_general(
+    self: Signal,
+    probe: SignalProbe,
+    sender: t.Any,
+    _async_wrapper: Wrapper | None,
+    kwargs: dict[str, t.Any],
+    counted: bool = False,
+) -> Results:
+    """The traced send with hooks, spans, exclusion or prometheus-client's metrics."""
     hooks = probe.hooks  # sigtrace's own request timing, on Flask's request signals
     if hooks is not None:
         _run_hook(hooks.before, sender, kwargs)
@@ -114,25 +179,20 @@ def send(
             return []
         if not probe.enabled:
             return _originals["send"](self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
-        probe.count_send()
+        if not counted:
+            probe.count_send()
         results: Results = []
-        by_identity = probe.by_identity
+        bound = probe.by_identity
         started = 0.0
         spans: SendSpans | None = None
         try:
             for receiver in self.receivers_for(sender):
                 if not started:  # the first receiver: a send worth timing and tracing
-                    if _tracing and (_root_spans or get_current_span().is_recording()):
+                    if _tracing and (_root_spans or _recording_parent()):
                         spans = SendSpans.open(_active, probe, sender, kwargs)
                     started = perf_counter()
-                key = receiver.__func__ if type(receiver) is _MethodType else receiver
-                receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
-                if is_coroutine:
-                    if _async_wrapper is None:
-                        raise RuntimeError("Cannot send to a coroutine function.")
-                    call = _async_wrapper(receiver)
-                else:
-                    call = receiver
+                receiver_probe, is_coroutine, _ = bound.get(id(receiver)) or probe.lookup(receiver)
+                call = _sync_callable(receiver, is_coroutine, _async_wrapper)
                 if spans is not None:
                     result = spans.call(receiver_probe, call, sender, kwargs)
                 else:
@@ -142,24 +202,14 @@ def send(
                     except BaseException as exc:
                         receiver_probe.record(perf_counter() - call_started, None, exc)
                         raise
-                    elapsed = perf_counter() - call_started
-                    try:
-                        receiver_probe.duration.observe(elapsed, None)
-                    except Exception:
-                        internal_error("receiver metrics")
+                    receiver_probe.record(perf_counter() - call_started, None, None)
                 results.append((receiver, result))
         except BaseException as exc:
             if started:
                 probe.finish(started, spans, exc)
             raise
-        if spans is not None:
+        if started:
             probe.finish(started, spans, None)
-        elif started:
-            elapsed = perf_counter() - started
-            try:
-                probe.duration.observe(elapsed, None)
-            except Exception:
-                internal_error("signal metrics")
         return results
     finally:
         if hooks is not None:
@@ -177,7 +227,7 @@ async def send_async(
     """blinker's ``Signal.send_async``, recording metrics and spans (mirrors :func:`send`)."""
     if self.is_muted:
         return []
-    probe = _probes.get(id(self)) or _new_probe(self, sender)
+    probe = _probes_get(id(self)) or _new_probe(self, sender)
     if not self.receivers:
         probe.count_send()
         return []
@@ -185,17 +235,16 @@ async def send_async(
         return await _originals["send_async"](self, sender, _sync_wrapper=_sync_wrapper, **kwargs)  # type: ignore[no-any-return]
     probe.count_send()
     results: Results = []
-    by_identity = probe.by_identity
+    bound = probe.by_identity
     started = 0.0
     spans: SendSpans | None = None
     try:
         for receiver in self.receivers_for(sender):
             if not started:
-                if _tracing and (_root_spans or get_current_span().is_recording()):
+                if _tracing and (_root_spans or _recording_parent()):
                     spans = SendSpans.open(_active, probe, sender, kwargs)
                 started = perf_counter()
-            key = receiver.__func__ if type(receiver) is _MethodType else receiver
-            receiver_probe, is_coroutine = by_identity.get(id(key)) or probe.bind(receiver)
+            receiver_probe, is_coroutine, _ = bound.get(id(receiver)) or probe.lookup(receiver)
             if not is_coroutine:
                 if _sync_wrapper is None:
                     raise RuntimeError("Cannot send to a non-coroutine function.")
@@ -220,6 +269,15 @@ async def send_async(
     if started:
         probe.finish(started, spans, None)
     return results
+
+
+def _sync_callable(receiver: t.Any, is_coroutine: bool, async_wrapper: Wrapper | None) -> t.Any:
+    """What ``send`` calls for ``receiver``: blinker's rule, with blinker's error."""
+    if not is_coroutine:
+        return receiver
+    if async_wrapper is None:
+        raise RuntimeError("Cannot send to a coroutine function.")
+    return async_wrapper(receiver)
 
 
 def _run_hook(hook: t.Any, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
@@ -328,7 +386,7 @@ def set_hooks(signal: Signal, hooks: Hooks | None) -> None:
             _hooks[id(signal)] = hooks
         probe = _probes.get(id(signal))
         if probe is not None:
-            probe.hooks = hooks
+            probe.set_hooks(hooks)
 
 
 def active_metrics() -> MetricSet | None:

@@ -1,7 +1,8 @@
 """Metric families, pre-bound label children and their two storage backends.
 
-The traced send only ever calls ``child.inc()`` and ``child.observe(v, ex)`` on
-children bound once per (signal, receiver) and cached, never ``labels()``.
+The traced send only ever calls ``child.inc()``, ``child.observe(v, ex)`` or
+(single process) ``child.add(v)`` on children bound once per (signal,
+receiver) and cached, never ``labels()``.
 
 Two backends give the children those methods:
 
@@ -10,8 +11,9 @@ Two backends give the children those methods:
   hand because prometheus-client takes a lock per increment (about 0.5 µs here,
   1.2 µs per histogram observe), which would be most of sigtrace's budget. A
   counter is an ``itertools.count`` (``next()`` is one atomic C call); a
-  histogram keeps one row of bucket counts per thread, written only by that
-  thread, summed at scrape time.
+  histogram is ``sigtrace._speedups.Histogram`` (C, one call per observation,
+  atomic under the GIL) or, where that extension was not built, a pure-Python
+  core with one row of bucket counts per thread, summed at scrape time.
 * multiprocess (``PROMETHEUS_MULTIPROC_DIR`` set): prometheus-client's own
   Counter and Histogram, whose values live in the shared mmap files that
   :class:`prometheus_client.multiprocess.MultiProcessCollector` aggregates.
@@ -37,6 +39,7 @@ from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "SPEEDUPS",
     "DEFAULT_MAX_LABEL_VALUES",
     "OVERFLOW_VALUE",
     "Family",
@@ -82,10 +85,15 @@ class FastCounter:
         return float(repr(self._count)[6:-1])
 
 
-class FastHistogram:
-    """A histogram with one row of bucket counts per writing thread."""
+class PyHistogramCore:
+    """Bucket counts and a sum without a lock: one row per writing thread.
 
-    __slots__ = ("_bounds", "_exemplars", "_local", "_lock", "_retired", "_rows")
+    The pure-Python twin of ``sigtrace._speedups.Histogram`` (same ``add`` and
+    ``snapshot``), used when the C extension was not built. A row is written
+    only by its thread and summed at scrape time.
+    """
+
+    __slots__ = ("_bounds", "_local", "_lock", "_retired", "_rows")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self._bounds = tuple(bounds)  # ends with +Inf
@@ -93,9 +101,9 @@ class FastHistogram:
         self._rows: list[tuple[weakref.ref[threading.Thread], list[float]]] = []
         self._retired = [0.0] * (len(self._bounds) + 1)  # folded rows of dead threads
         self._lock = threading.Lock()
-        self._exemplars: list[Exemplar | None] = [None] * len(self._bounds)
 
-    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+    def add(self, amount: float) -> int:
+        """Count one observation; return its bucket's index."""
         try:
             row: list[float] = self._local.row
         except AttributeError:
@@ -103,8 +111,7 @@ class FastHistogram:
         index = bisect_left(self._bounds, amount)
         row[index] += 1
         row[-1] += amount
-        if exemplar is not None:
-            self._exemplars[index] = Exemplar(exemplar, amount, time.time())
+        return index
 
     def _new_row(self) -> list[float]:
         row = [0.0] * (len(self._bounds) + 1)
@@ -134,6 +141,46 @@ class FastHistogram:
                 for i, value in enumerate(row):
                     totals[i] += value
         return totals[:-1], totals[-1]
+
+
+class HistogramCore(t.Protocol):
+    def add(self, amount: float, /) -> int: ...
+    def snapshot(self) -> tuple[list[float], float]: ...
+
+
+HistogramCoreType = t.Callable[[Sequence[float]], HistogramCore]
+
+_core_type: HistogramCoreType
+try:
+    from ._speedups import Histogram as _CHistogram
+except ImportError:  # built without a C compiler
+    _core_type = PyHistogramCore
+    SPEEDUPS = False
+else:
+    _core_type = _CHistogram
+    SPEEDUPS = True
+"""True when histograms use the C extension ``sigtrace._speedups``."""
+
+
+class FastHistogram:
+    """A pre-bound histogram child: C core when built, else :class:`PyHistogramCore`.
+
+    ``add(amount)`` is the core's own method (the hot path calls it directly);
+    ``observe(amount, exemplar)`` adds the exemplar, as prometheus-client's does.
+    """
+
+    __slots__ = ("_exemplars", "add", "snapshot")
+
+    def __init__(self, bounds: Sequence[float], core: HistogramCoreType | None = None) -> None:
+        built = (core or _core_type)(bounds)
+        self.add: t.Callable[[float], int] = built.add
+        self.snapshot: t.Callable[[], tuple[list[float], float]] = built.snapshot
+        self._exemplars: list[Exemplar | None] = [None] * len(bounds)
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        index = self.add(amount)
+        if exemplar is not None:
+            self._exemplars[index] = Exemplar(exemplar, amount, time.time())
 
 
 class Family:

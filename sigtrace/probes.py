@@ -30,7 +30,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from . import naming, tracing
-from .metrics import MetricSet, metric_set
+from .metrics import FastHistogram, MetricSet, metric_set
 
 __all__ = [
     "Hooks",
@@ -155,7 +155,9 @@ class Instrumentation:
 class ReceiverProbe:
     """What one (signal, receiver name) pair records, bound once."""
 
-    __slots__ = ("_errors_family", "_labels", "attributes", "duration", "errors", "span_name")
+    __slots__ = (
+        "_errors_family", "_labels", "add", "attributes", "duration", "errors", "span_name",
+    )  # fmt: skip
 
     def __init__(self, signal: SignalProbe, name: str, metrics: MetricSet | None) -> None:
         self._labels = (signal.name, name)
@@ -163,6 +165,7 @@ class ReceiverProbe:
         self.duration = (
             metrics.receiver_duration.child(signal.name, name) if metrics else NO_HISTOGRAM
         )
+        self.add = _add_of(self.duration)
         self.errors: dict[type[BaseException], t.Any] = {}
         self.span_name = f"receiver {name}"
         self.attributes = {
@@ -190,8 +193,15 @@ class ReceiverProbe:
             internal_error("receiver metrics")
 
 
+def _add_of(histogram: t.Any) -> Callable[[float], int] | None:
+    """The histogram's ``add`` (sigtrace's own single-process child), else None."""
+    return histogram.add if isinstance(histogram, FastHistogram) else None
+
+
 _MAX_SHARED_RECEIVERS = 1000  # receiver names a signal keeps probes for
-Binding = tuple[ReceiverProbe, bool]  # (probe, receiver is a coroutine function)
+# (probe, receiver is a coroutine function, probe.add): what the send needs,
+# in one dict lookup per receiver.
+Binding = tuple[ReceiverProbe, bool, Callable[[float], int] | None]
 
 
 class SignalProbe:
@@ -201,12 +211,14 @@ class SignalProbe:
         "__weakref__",
         "_metrics",
         "_refs",
+        "add",
         "attributes",
         "by_identity",
         "count_send",
         "duration",
         "enabled",
         "hooks",
+        "lean",
         "name",
         "receivers",
         "span_name",
@@ -220,13 +232,15 @@ class SignalProbe:
     ) -> None:
         self.name = name
         self.enabled = active is not None and active.records(name)
-        self.hooks = hooks
         metrics = active.metrics if active is not None and self.enabled else None
         self._metrics = metrics
         self.count_send: Callable[[], object] = (
             _never_raising(metrics.signal_sends.child(name).inc) if metrics else _noop
         )
         self.duration = metrics.signal_duration.child(name) if metrics else NO_HISTOGRAM
+        self.add = _add_of(self.duration)
+        self.lean = False
+        self.set_hooks(hooks)
         self.receivers: dict[str, ReceiverProbe] = {}
         # id(receiver identity) -> binding; entries leave with their receiver
         # (weakref callback) before the id can be reused.
@@ -234,6 +248,23 @@ class SignalProbe:
         self._refs: dict[int, weakref.ref[t.Any]] = {}
         self.span_name = f"signal {name}"
         self.attributes = {tracing.ATTR_SIGNAL_NAME: name}
+
+    def set_hooks(self, hooks: Hooks | None) -> None:
+        """Set the hooks; a send takes the lean path only without them."""
+        self.hooks = hooks
+        # The lean path (dispatch.send): recorded, no hooks, sigtrace's own histograms.
+        self.lean = self.enabled and hooks is None and self.add is not None
+
+    def lookup(self, receiver: t.Any) -> Binding:
+        """The receiver's binding after ``by_identity`` missed on ``id(receiver)``.
+
+        A bound method is a new object at each send, cached under its function.
+        """
+        if type(receiver) is types.MethodType:
+            found = self.by_identity.get(id(receiver.__func__))
+            if found is not None:
+                return found
+        return self.bind(receiver)
 
     def bind(self, receiver: t.Any) -> Binding:
         """The slow path of the receiver lookup: name it, bind it, cache it."""
@@ -246,13 +277,14 @@ class SignalProbe:
                 # probe, which leaves with the receiver (names are unbounded).
                 if len(self.receivers) < _MAX_SHARED_RECEIVERS:
                     self.receivers[info.name] = probe
-            binding = (probe, info.is_coroutine)
+            binding = (probe, info.is_coroutine, probe.add)
         except Exception:
             from inspect import iscoroutinefunction
 
             is_coroutine = iscoroutinefunction(receiver)  # raises where blinker's send would
             internal_error("receiver naming")
-            return self._unknown(), is_coroutine
+            unknown = self._unknown()
+            return unknown, is_coroutine, unknown.add
         key = receiver.__func__ if type(receiver) is types.MethodType else receiver
         key_id = id(key)
         by_identity, refs = self.by_identity, self._refs

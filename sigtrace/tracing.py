@@ -7,16 +7,19 @@ exporters and the tests agree on one spelling.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import os
 import threading
 import time
 import typing as t
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.semconv.attributes.code_attributes import CODE_FUNCTION_NAME
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 __all__ = [
     "ATTR_APP_NAME",
@@ -27,7 +30,9 @@ __all__ = [
     "ERROR_TYPE",
     "SpanMode",
     "get_tracer",
+    "current_context",
     "mark_error",
+    "recording_parent",
     "setup_sdk",
 ]
 
@@ -42,6 +47,43 @@ SpanMode = t.Literal["all", "signals", "receivers", "none"]
 SPAN_MODES: tuple[str, ...] = ("all", "signals", "receivers", "none")
 
 INTERNAL = SpanKind.INTERNAL
+
+
+def _span_key() -> str:
+    """The key the current span has in a Context, learnt through the public API."""
+    (key,) = trace.set_span_in_context(INVALID_SPAN, Context()).keys()
+    return key
+
+
+SPAN_KEY = _span_key()
+
+
+def _context_getter() -> t.Callable[[], Context]:
+    """The cheapest callable that returns ``opentelemetry.context.get_current()``.
+
+    The public function is two Python calls in front of a ContextVar lookup
+    (about 0.2 µs with ``get_current_span().is_recording()``, which every send
+    pays). With the default runtime context (``ContextVarsRuntimeContext``)
+    that ContextVar's own C ``get`` gives the same Context; any other runtime
+    context keeps the public function. Hand-written because the API offers no
+    cheaper check; tests compare both answers.
+    """
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime).__name__ == "ContextVarsRuntimeContext" and isinstance(
+        var, contextvars.ContextVar
+    ):
+        return var.get
+    return otel_context.get_current
+
+
+current_context = _context_getter()
+
+
+def recording_parent() -> bool:
+    """``trace.get_current_span().is_recording()``, at a third of the cost."""
+    span = t.cast("Span | None", current_context().get(SPAN_KEY))
+    return span is not None and span.is_recording()
 
 
 def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:

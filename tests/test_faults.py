@@ -33,10 +33,12 @@ from pathlib import Path
 import pytest
 from blinker import NamedSignal
 from flask import Flask, current_app, jsonify
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
 
 from sigtrace import SigTrace, dispatch, metrics, naming, probes
@@ -192,6 +194,18 @@ def run_script(world: World, parent_tracer: trace.Tracer, rounds: int = ROUNDS) 
             out.append(("send_async", outcome(lambda i=i: send_async(str(i)), world)))
             out.append(("current span after send_async", current_span_name()))
         out.append(("current span after job", current_span_name()))
+        # No recording parent (none at all, then an unsampled one): the lean
+        # send path, metrics only.
+        unsampled = NonRecordingSpan(SpanContext(7, 9, is_remote=True, trace_flags=TraceFlags(0)))
+        for parent in (None, unsampled):
+            token = otel_context.attach(trace.set_span_in_context(parent)) if parent else None
+            try:
+                for signal, n in ((world.order_placed, str(i)), (world.order_checked, "bad")):
+                    label = f"send {signal.name} unrecorded"
+                    out.append((label, outcome(lambda s=signal, n=n: send(s, n), world)))
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
     out.append(("calls", sorted(world.calls)))
     return out
 
@@ -276,6 +290,14 @@ class RaisingCounter(metrics.FastCounter):
 class RaisingHistogram(metrics.FastHistogram):
     __slots__ = ()
 
+    def __init__(self, bounds: t.Sequence[float]) -> None:
+        super().__init__(bounds)
+
+        def add(amount: float) -> int:  # what the lean send path calls
+            raise InjectedFault("add")
+
+        self.add = add
+
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         raise InjectedFault("observe")
 
@@ -316,7 +338,7 @@ def _no_injection(monkeypatch: pytest.MonkeyPatch) -> None:
 # fault described -> (how to inject it, the tracer provider sigtrace gets)
 FAULTS: dict[str, tuple[t.Callable[[pytest.MonkeyPatch], None], t.Callable[[], t.Any]]] = {
     "a tracer whose start_span raises": (_no_injection, lambda: RaisingTracerProvider()),
-    "histogram children whose observe raises": (
+    "histogram children whose add and observe raise": (
         lambda mp: sabotage_children(mp, "histogram"),
         lambda: in_memory_provider(),
     ),
