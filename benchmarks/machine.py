@@ -70,4 +70,12 @@ def describe() -> dict[str, t.Any]:
         # Read-only: which commit of sigtrace was measured (changes may be uncommitted).
         "commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "sigtrace_c_histogram": _speedups(),
     }
+
+
+def _speedups() -> bool:
+    """Whether sigtrace's C histogram (sigtrace._speedups) was built."""
+    from sigtrace import metrics
+
+    return metrics.SPEEDUPS

@@ -9,7 +9,9 @@ Modes (each in its own worker process):
   sigtrace must make no span objects;
 * ``sigtrace-sampled``: metrics and tracing on, under a sampled SDK parent
   span: a signal span plus one span per receiver (batch processor, null
-  exporter).
+  exporter);
+* ``sigtrace-unsampled-py``: as ``sigtrace-unsampled``, with the pure-Python
+  histogram core that replaces the C extension where no compiler built it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from .worker import serve, start_all
 
 __all__ = ["MODES", "RECEIVER_COUNTS", "run"]
 
-MODES: tuple[str, ...] = ("bare", "sigtrace-metrics", "sigtrace-unsampled", "sigtrace-sampled")
+MODES: tuple[str, ...] = (
+    "bare",
+    "sigtrace-metrics",
+    "sigtrace-unsampled",
+    "sigtrace-sampled",
+    "sigtrace-unsampled-py",
+)
 RECEIVER_COUNTS: tuple[int, ...] = (0, 1, 3, 10)
 
 
@@ -69,14 +77,20 @@ def _worker(mode: str) -> None:
     if mode != "bare":
         import sigtrace
 
-        if mode in ("sigtrace-unsampled", "sigtrace-sampled"):
+        if mode == "sigtrace-unsampled-py":
+            from sigtrace import metrics
+
+            # What an install without a C compiler runs (a private switch:
+            # only the benchmark and the tests choose the core).
+            metrics._core_type = metrics.PyHistogramCore
+        if mode.startswith(("sigtrace-unsampled", "sigtrace-sampled")):
             provider, spans = sdk.tracer_provider()
         sigtrace.instrument(
             registry=CollectorRegistry(),
             tracer_provider=provider,
             tracing_enabled=provider is not None,
         )
-    if mode == "sigtrace-unsampled":
+    if mode.startswith("sigtrace-unsampled"):
         parent: t.Any = NonRecordingSpan(
             SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(0))
         )

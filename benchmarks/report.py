@@ -36,6 +36,8 @@ def machine(info: dict[str, t.Any]) -> str:
             f"machine:  {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
             f"{info['platform']}",
             f"python:   {info['python']}",
+            "sigtrace: histograms in "
+            + ("C (sigtrace._speedups)" if info.get("sigtrace_c_histogram") else "pure Python"),
             f"packages: {packages}",
             f"wrk:      {info['wrk'] or 'not installed'}",
             f"commit:   {info['commit'] or 'unknown'} (uncommitted changes are measured too)",
@@ -123,6 +125,10 @@ def per_send(result: dict[str, t.Any]) -> str:
         ("no receivers, metrics only", "sigtrace-metrics", 0),
         ("no receivers, unsampled parent", "sigtrace-unsampled", 0),
         *[(f"unsampled parent, {c} receivers", "sigtrace-unsampled", c) for c in (1, 3, 10)],
+        *[
+            (f"unsampled, {c} receivers, pure Python", "sigtrace-unsampled-py", c)
+            for c in (1, 3, 10)
+        ],
     ]
     check_rows = []
     for label, mode, count in checks:
@@ -130,14 +136,16 @@ def per_send(result: dict[str, t.Any]) -> str:
         ratio, cpu_ratio = entry.get("ratio_to_bare"), entry.get("cpu_ratio_to_bare")
         if ratio is None:
             continue
+        # The targets are for sigtrace as built; the fallback's rows only inform.
+        fallback = mode.endswith("-py")
         check_rows.append(
             [
                 label,
                 f"{ratio:.2f}x",
                 f"{_num(entry.get('typical_ratio_to_bare'), '.2f')}x",
                 f"{_num(cpu_ratio, '.2f')}x",
-                "<= 1.5x",
-                "meets" if ratio <= 1.5 else "MISSES",
+                "-" if fallback else "<= 1.5x",
+                "(fallback)" if fallback else "meets" if ratio <= 1.5 else "MISSES",
             ]
         )
     header = ["ratio to bare send", "median", "typical", "cpu", "target", ""]
