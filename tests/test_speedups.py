@@ -262,3 +262,41 @@ def test_another_runtime_context_falls_back_to_the_public_function(
     assert tracing._context_getter() is otel_context.get_current
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", object())
     assert tracing._context_getter() is otel_context.get_current
+
+
+def test_without_the_c_extension_sigtrace_falls_back_and_records_the_same(
+    tmp_path: t.Any,
+) -> None:
+    """An install where no compiler built sigtrace._speedups (import blocked here)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["sigtrace._speedups"] = None  # what a missing extension looks like
+        import blinker, sigtrace
+        from prometheus_client import CollectorRegistry, generate_latest
+        from sigtrace import metrics
+        registry = CollectorRegistry()
+        sigtrace.instrument(registry=registry, tracing_enabled=False)
+        sig = blinker.Namespace().signal("fallback")
+        def receiver(sender, **kwargs):
+            return 1
+        sig.connect(receiver)
+        for _ in range(5):
+            assert sig.send(None) == [(receiver, 1)]
+        print(metrics.SPEEDUPS)
+        print(generate_latest(registry).decode())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    first, exposition = done.stdout.split("\n", 1)
+    assert first == "False"
+    assert 'sigtrace_signal_duration_seconds_count{signal="fallback"} 5.0' in exposition
+    receiver_count = 'receiver="__main__.receiver",signal="fallback"} 5.0'
+    assert "sigtrace_receiver_duration_seconds_count{" + receiver_count in exposition
