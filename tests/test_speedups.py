@@ -43,11 +43,11 @@ if CHistogram is not None:
 
 
 def require_c_core() -> t.Any:
-    """The C core; without it skip, or fail where CI demands it (SIGTRACE_REQUIRE_SPEEDUPS)."""
+    """The C core; without it skip, or fail where CI demands it (STRICT_C_EXTENSION)."""
     if CHistogram is None:
         message = "sigtrace._speedups was not built (no C compiler at install time)"
-        if os.environ.get("SIGTRACE_REQUIRE_SPEEDUPS"):
-            pytest.fail(message + " [SIGTRACE_REQUIRE_SPEEDUPS is set, so this cannot skip]")
+        if os.environ.get("STRICT_C_EXTENSION"):
+            pytest.fail(message + " [STRICT_C_EXTENSION is set, so this cannot skip]")
         pytest.skip(message)
     return CHistogram
 
