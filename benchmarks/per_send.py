@@ -150,7 +150,7 @@ def _worker(mode: str) -> None:
 
 
 def run(rounds: int, target_ms: float, modes: t.Sequence[str] = MODES) -> dict[str, t.Any]:
-    """Measure every (mode, receiver count); medians over rounds, ratios to bare.
+    """Measure every (mode, receiver count); medians over rounds, paired ratios to bare.
 
     Each measurement times as many sends as fit in about ``target_ms`` for that
     mode and receiver count (calibrated once, then fixed), in batches of about
@@ -198,12 +198,21 @@ def run(rounds: int, target_ms: float, modes: t.Sequence[str] = MODES) -> dict[s
             check["spans"] / check["expected"] if check["expected"] else None
         )
     if "bare" in table:
+        # Paired ratios: each round's mode over the same round's bare, measured
+        # moments apart, then the median over rounds. The machine's speed drifts
+        # (this kind of machine has slow phases lasting milliseconds to seconds);
+        # a pair mostly shares its phase, two medians taken apart need not.
+        def paired(series: dict[str, dict[int, list[float]]], mode: str, c: int) -> float:
+            return statistics.median(
+                m / b for m, b in zip(series[mode][c], series["bare"][c], strict=True)
+            )
+
         for mode in modes:
             for c in RECEIVER_COUNTS:
-                entry, bare = table[mode][str(c)], table["bare"][str(c)]
-                entry["ratio_to_bare"] = entry["median_us"] / bare["median_us"]
-                entry["typical_ratio_to_bare"] = entry["typical_us"] / bare["typical_us"]
-                entry["cpu_ratio_to_bare"] = entry["cpu_median_us"] / bare["cpu_median_us"]
+                entry = table[mode][str(c)]
+                entry["ratio_to_bare"] = paired(samples, mode, c)
+                entry["typical_ratio_to_bare"] = paired(typical_samples, mode, c)
+                entry["cpu_ratio_to_bare"] = paired(cpu_samples, mode, c)
     return {"rounds": rounds, "target_ms": target_ms, "modes": table}
 
 

@@ -50,7 +50,8 @@ def per_request(result: dict[str, t.Any]) -> str:
     head = (
         f"Per request: direct WSGI calls, GET /signup/<name> (1 custom signal, 3 receivers); "
         f"{result['rounds']} rounds x {result['requests_per_round']} requests, "
-        f"median of per-round means.\ntypical = median single request, cpu = process CPU "
+        f"median of per-round means; overheads are medians of per-round differences "
+        f"to bare.\ntypical = median single request, cpu = process CPU "
         f"time per request (all threads): both less disturbed by other load"
     )
     rows = []
@@ -102,7 +103,8 @@ def per_request(result: dict[str, t.Any]) -> str:
 def per_send(result: dict[str, t.Any]) -> str:
     head = (
         f"Per send: Signal.send with N trivial receivers; {result['rounds']} rounds of "
-        f"~{result['target_ms']:g} ms each; median us per send (ratio to bare)"
+        f"~{result['target_ms']:g} ms each; median us per send (median over rounds of "
+        "the ratio to the same round's bare send)"
     )
     modes = result["modes"]
     parts = [head]

@@ -33,11 +33,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 class Settings:
     """How long each section runs; ``--quick`` and the flags override the full run."""
 
-    rounds: int = 21
-    requests: int = 1000
+    rounds: int = 41
+    requests: int = 500
     warmup: int = 2000
-    send_rounds: int = 11
-    send_ms: float = 60.0
+    send_rounds: int = 21
+    send_ms: float = 30.0
     server_seconds: float = 2.0
     server_rounds: int = 9
     server_warmup: float = 1.0
@@ -45,11 +45,11 @@ class Settings:
 
 
 QUICK = Settings(
-    rounds=7,
-    requests=300,
+    rounds=11,
+    requests=200,
     warmup=500,
-    send_rounds=3,
-    send_ms=20.0,
+    send_rounds=9,
+    send_ms=10.0,
     server_seconds=1.0,
     server_rounds=2,
     profile_requests=1000,
