@@ -136,7 +136,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     endpoint = clean_label(rule.endpoint) if rule is not None else UNMATCHED_ENDPOINT
     record = _Request(state, method, endpoint)
     request.environ[_ENVIRON_KEY] = record
-    if state.tracer is None or trace.get_current_span().is_recording():
+    if state.tracer is None or tracing.recording_parent():
         return  # no tracing, or nested under the caller's span
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
         return  # opentelemetry-instrumentation-flask makes the server span
