@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import typing as t
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry import context as otel_context
@@ -84,3 +85,25 @@ def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
 
 __all__: list[str] = ["require_tool", "sample", "samples_from_text", "series"]
 _ = t
+
+
+def run_threads(count: int, work: Callable[[int], None]) -> None:
+    """Run ``work(index)`` in ``count`` threads started together; re-raise failures."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            work(index)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 import sigtrace
 from sigtrace import SigTrace
-from tests.conftest import sample
+from tests.conftest import run_threads, sample
 
 THREADS = 16
 PER_THREAD = 60
@@ -86,28 +86,6 @@ def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider
     provider.shutdown()
-
-
-def run_threads(count: int, work: Callable[[int], None]) -> None:
-    """Run ``work(index)`` in ``count`` threads started together; re-raise failures."""
-    barrier = threading.Barrier(count)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            work(index)
-        except BaseException as exc:  # reported in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a worker thread hung"
-    if errors:
-        raise errors[0]
 
 
 def assert_receiver_span_chain(

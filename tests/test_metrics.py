@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import typing as t
 from unittest import mock
 
@@ -16,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import sigtrace
 from sigtrace import naming
 from sigtrace.metrics import DEFAULT_BUCKETS, OVERFLOW_VALUE, metric_set
-from tests.conftest import sample, series
+from tests.conftest import run_threads, sample, series
 
 NS = blinker.Namespace()
 
@@ -294,19 +293,13 @@ def test_threads_lose_no_count(instrumented: CollectorRegistry) -> None:
     sig.connect(on_signup)
     empty = NS.signal("threaded-empty")
     threads_n, sends_n = 8, 5000
-    barrier = threading.Barrier(threads_n)
 
-    def work() -> None:
-        barrier.wait()
+    def work(_index: int) -> None:
         for _ in range(sends_n):
             sig.send(None)
             empty.send(None)
 
-    threads = [threading.Thread(target=work) for _ in range(threads_n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    run_threads(threads_n, work)
     total = threads_n * sends_n
     assert sample(instrumented, "sigtrace_signal_sends_total", signal="threaded") == total
     assert sample(instrumented, "sigtrace_signal_sends_total", signal="threaded-empty") == total

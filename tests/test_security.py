@@ -138,13 +138,14 @@ def assert_exercised(text: str, spans: t.Sequence[ReadableSpan]) -> None:
     assert any(event.name == "exception" for span in spans for event in span.events)
 
 
-def test_no_user_data_reaches_metrics_or_spans_by_default(
+def exercise_instrumented(
+    app: Flask,
     registry: CollectorRegistry,
     provider: TracerProvider,
     exporter: InMemorySpanExporter,
     secret: str,
-) -> None:
-    app, _kept = make_app(secret)
+) -> tuple[str, str, t.Sequence[ReadableSpan]]:
+    """Exercise ``app`` under SigTrace; its two expositions and its spans, checked non-empty."""
     ext = SigTrace(app, registry=registry, tracer_provider=provider)
     try:
         exercise(app, secret)
@@ -153,6 +154,17 @@ def test_no_user_data_reaches_metrics_or_spans_by_default(
         ext.close()
     spans = exporter.get_finished_spans()
     assert_exercised(text, spans)
+    return text, openmetrics, spans
+
+
+def test_no_user_data_reaches_metrics_or_spans_by_default(
+    registry: CollectorRegistry,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    secret: str,
+) -> None:
+    app, _kept = make_app(secret)
+    text, openmetrics, spans = exercise_instrumented(app, registry, provider, exporter, secret)
     assert secret not in text, "the secret reached the Prometheus text exposition"
     assert secret not in openmetrics, "the secret reached the OpenMetrics exposition"
     as_json, as_otlp = span_dump(spans)
@@ -168,14 +180,7 @@ def test_record_kwargs_records_only_the_allow_listed_key(
 ) -> None:
     app, _kept = make_app(secret)
     app.config["SIGTRACE_RECORD_KWARGS"] = ["plan"]
-    ext = SigTrace(app, registry=registry, tracer_provider=provider)
-    try:
-        exercise(app, secret)
-        text, openmetrics = scrape(app)
-    finally:
-        ext.close()
-    spans = exporter.get_finished_spans()
-    assert_exercised(text, spans)
+    text, openmetrics, spans = exercise_instrumented(app, registry, provider, exporter, secret)
     payment_spans = [span for span in spans if span.name == "signal payment-made"]
     assert payment_spans
     for span in payment_spans:

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from sigtrace import metrics, tracing
 from sigtrace.metrics import DEFAULT_BUCKETS, FastHistogram, PyHistogramCore
-from tests.test_concurrency import run_threads
+from tests.conftest import run_threads
 
 INF = float("inf")
 BOUNDS = (*DEFAULT_BUCKETS, INF)
