@@ -8,7 +8,7 @@ objects: fine for a one-off command, never done on a send. For each connected
 receiver: its metric label, weak or strong, the
 senders it is connected for and, when metrics are on, its calls, p50 / p99
 latency and errors, read from this process's registry. sigtrace's own request
-hooks are not receivers (see :class:`sigtrace.dispatch.Hooks`), so they never
+hooks are not receivers (see :class:`sigtrace.bindings.RequestHooks`), so they never
 appear.
 
 Latency quantiles are estimated from the histogram buckets exactly as
@@ -89,7 +89,7 @@ def known_signals() -> list[Signal]:
     found: dict[int, Signal] = {}
     candidates: list[object] = [*vars(flask_signals).values()]
     candidates += list(blinker.default_namespace.values())
-    candidates += dispatch.seen_signals()
+    candidates += [signal for signal, _ in dispatch.sent_signals()]
     candidates += _live_signals_with_receivers()
     for candidate in candidates:
         if isinstance(candidate, Signal):
@@ -266,7 +266,7 @@ def signal_inventory(registry: CollectorRegistry | None, metrics: bool) -> list[
     )
     rows: list[SignalRow] = []
     for signal in known_signals():
-        name = dispatch.probe_name(signal) or _owner_name(signal)
+        name = dispatch.label_of(signal) or _owner_name(signal)
         receivers = []
         for receiver, weak, senders in _connections(signal):
             row = ReceiverRow(

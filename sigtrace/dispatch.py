@@ -1,99 +1,97 @@
-"""The patch: the only code that touches blinker internals.
+"""The patch: the only code that reads or replaces blinker's internals.
 
-:func:`instrument` replaces ``blinker.Signal.send`` and ``Signal.send_async`` at
-class level with traced copies that keep blinker's semantics exactly (see
-DESIGN.md): positional-only sender, muting first, receivers taken lazily from
-``receivers_for``, coroutine handling through ``_async_wrapper`` /
-``_sync_wrapper`` with blinker's own errors, the original receivers in the
-result, exceptions propagated as the same object, no reference kept.
+:func:`instrument` replaces ``blinker.Signal.send`` and ``Signal.send_async``
+at class level with :func:`send` / :func:`send_async`, copies of blinker's
+loops that record what :mod:`sigtrace.bindings` bound for the signal and its
+receivers. They do what blinker's do, in the same order and nothing more with
+the signal object: read ``is_muted``, iterate ``receivers_for(sender)``, call
+each receiver (through ``_async_wrapper`` / ``_sync_wrapper`` for the other
+colour, with blinker's own errors), return ``[(receiver, result), ...]`` and
+let any exception through as the same object. The signal is never hashed or
+compared: bindings are cached by ``id`` under a weak reference, and a signal
+that can't be weakly referenced is recorded under a name looked up per send.
 
-The hot path is :func:`send` (and its async mirror); what it records is
-bound once per signal and receiver in :mod:`sigtrace.probes`.
+All state of the active instrumentation is one :class:`Active` object in
+``_active``, replaced whole under ``_lock``; a send reads it once, so a send
+racing :func:`uninstrument` finishes as the send it started as. See
+docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import threading
 import typing as t
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from time import perf_counter
 
 from blinker import Signal
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from . import naming, tracing
-from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES, MetricSet
-from .probes import (
-    DISABLED_PROBE,
-    Hooks,
-    Instrumentation,
-    SendSpans,
-    SignalProbe,
-    internal_error,
-)
+from .bindings import RequestHooks, SignalBinding, records_signal, run_hook, unrecorded
+from .faults import internal_error
+from .identity import IdentityCache
+from .metrics import MetricSet, metric_set
+from .options import Options
+from .spans import SendSpans, SpanSettings
 
 __all__ = [
-    "Hooks",
+    "Options",
+    "RequestHooks",
     "instrument",
     "is_instrumented",
     "set_hooks",
     "uninstrument",
 ]
 
+log = logging.getLogger("sigtrace")
+
 Results = list[tuple[Callable[..., t.Any], t.Any]]
 Wrapper = Callable[[Callable[..., t.Any]], Callable[..., t.Any]]
-_recording_parent = tracing.recording_parent
 # Typed for the one key read through it: SPAN_KEY holds a Span.
 _current_context = t.cast("Callable[[], dict[str, Span]]", tracing.current_context)
 _SPAN_KEY = tracing.SPAN_KEY
 
+
+class Active:
+    """The active instrumentation: its options, metrics, spans and bindings."""
+
+    def __init__(self, options: Options, blinker_send: t.Any, blinker_send_async: t.Any) -> None:
+        self.options = options
+        self.users = 1  # instrument() calls not yet matched by uninstrument()
+        self.patched = False
+        self.blinker_send = blinker_send
+        self.blinker_send_async = blinker_send_async
+        self.metrics: MetricSet | None = (
+            metric_set(options.registry, options.buckets, options.max_label_values)
+            if options.metrics
+            else None
+        )
+        self.spans: SpanSettings | None = None
+        if options.tracing_enabled and options.spans != "none":
+            self.spans = SpanSettings(
+                tracing.get_tracer(options.tracer_provider),
+                options.spans in ("all", "signals"),
+                options.spans in ("all", "receivers"),
+                options.root_spans,
+                options.record_kwargs,
+            )
+        self.root_spans = self.spans is not None and options.root_spans
+        self.signals: IdentityCache[SignalBinding] = IdentityCache()
+        self.binding_of = self.signals.get  # the send's lookup: binding_of(id(signal))
+        # Signals that can't be weakly referenced, or whose name is provisional.
+        self.by_name: dict[str, SignalBinding] = {}
+
+
 _lock = threading.RLock()
-_refcount = 0
-_active: Instrumentation | None = None
-_tracing = False  # _active has a tracer: sends check for a recording parent
-_root_spans = False  # _active makes root spans for sends outside any span
-_originals: dict[str, t.Any] = {}
-_probes: dict[int, SignalProbe] = {}  # id(signal) -> probe; cleaned by weakref callback
-_probes_get = _probes.get
-_probe_refs: dict[int, weakref.ref[Signal]] = {}
-_hooks: dict[int, Hooks] = {}
-_seen_signals: weakref.WeakSet[Signal] = weakref.WeakSet()
-
-
-def _new_probe(signal: Signal, sender: t.Any) -> SignalProbe:
-    """Bind a signal at its first send (under the lock: names are looked up once)."""
-    with _lock:
-        key = id(signal)
-        found = _probes.get(key)
-        if found is not None:
-            return found
-        active = _active
-        if active is None:  # raced with uninstrument(): record nothing
-            return DISABLED_PROBE
-        try:
-            probe = SignalProbe(naming.signal_name(signal, sender), active, _hooks.get(key))
-        except Exception:
-            internal_error("signal binding")
-            # Unrecorded from now on, but sigtrace's request hooks keep running.
-            probe = SignalProbe(naming.ANONYMOUS_SIGNAL, None, _hooks.get(key))
-
-        def forget(_ref: weakref.ref[Signal], key: int = key) -> None:
-            _probes.pop(key, None)
-            _probe_refs.pop(key, None)
-
-        try:
-            _probe_refs[key] = weakref.ref(signal, forget)
-        except TypeError:
-            return probe  # not weakly referenceable: bound again at each send
-        _probes[key] = probe
-        _seen_signals.add(signal)
-        return probe
+_active: Active | None = None
+_hooks: dict[int, RequestHooks] = {}  # id(signal) -> hooks; Flask's own signals only
 
 
 # --------------------------------------------------------------------------
-# The traced send (hot path)
+# The traced send
 
 
 def send(
@@ -104,116 +102,68 @@ def send(
     _async_wrapper: Wrapper | None = None,
     **kwargs: t.Any,
 ) -> Results:
-    """blinker's ``Signal.send``, recording metrics and spans (see module doc).
-
-    The common case (a recorded signal, no span to make, sigtrace's own
-    histograms) runs here, with nothing allocated beyond blinker's own results
-    and one C call per observation; the rest goes to :func:`_send_general`.
-    """
+    """blinker's ``Signal.send``, recording metrics and spans (see the module doc)."""
     if self.is_muted:
         return []
-    probe = _probes_get(id(self)) or _new_probe(self, sender)
-    if not probe.lean:  # hooks, excluded, metrics off or multiprocess
-        return _send_general(self, probe, sender, _async_wrapper, kwargs)
-    probe.count_send()
-    if not self.receivers:
-        return []
-    if _tracing and (
-        _root_spans  # tracing.recording_parent(), inlined:
-        or ((span := _current_context().get(_SPAN_KEY)) is not None and span.is_recording())
-    ):
-        return _send_general(self, probe, sender, _async_wrapper, kwargs, counted=True)
-    results: Results = []
-    bound = probe.by_identity
-    started = ended = 0.0
-    try:
-        for receiver in self.receivers_for(sender):
-            receiver_probe, is_coroutine, add = bound.get(id(receiver)) or probe.lookup(receiver)
-            if is_coroutine:  # _sync_callable(), inlined
-                if _async_wrapper is None:
-                    raise RuntimeError("Cannot send to a coroutine function.")
-                call = _async_wrapper(receiver)
-            else:
-                call = receiver
-            call_started = perf_counter()
-            if not started:
-                started = call_started
-            try:
-                result = call(sender, **kwargs)
-            except BaseException as exc:
-                receiver_probe.record(perf_counter() - call_started, None, exc)
-                raise
-            ended = perf_counter()
-            try:
-                add(ended - call_started)  # type: ignore[misc]  # lean: never None
-            except Exception:
-                internal_error("receiver metrics")
-            results.append((receiver, result))
-    except BaseException as exc:
-        if started:
-            probe.finish(started, None, exc)
-        raise
-    if started:  # the signal's time: first receiver's start to last one's end
-        try:
-            probe.add(ended - started)  # type: ignore[misc]
-        except Exception:
-            internal_error("signal metrics")
-    return results
-
-
-def _send_general(
-    self: Signal,
-    probe: SignalProbe,
-    sender: t.Any,
-    _async_wrapper: Wrapper | None,
-    kwargs: dict[str, t.Any],
-    counted: bool = False,
-) -> Results:
-    """The traced send with hooks, spans, exclusion or prometheus-client's metrics."""
-    hooks = probe.hooks  # sigtrace's own request timing, on Flask's request signals
+    active = _active
+    if active is None:  # raced with the last uninstrument(): blinker's own send
+        return _blinker_send(self, sender, _async_wrapper, kwargs)
+    binding = active.binding_of(id(self)) or _bind(active, self, sender)
+    hooks = binding.hooks
     if hooks is not None:
-        _run_hook(hooks.before, sender, kwargs)
+        run_hook(hooks.before, sender, kwargs)
     try:
-        if not self.receivers:
-            probe.count_send()
-            return []
-        if not probe.enabled:
-            return _originals["send"](self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
-        if not counted:
-            probe.count_send()
+        if not binding.recorded:
+            return active.blinker_send(self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
+        binding.count_send()
         results: Results = []
-        bound = probe.by_identity
-        started = 0.0
         spans: SendSpans | None = None
+        started = ended = 0.0
         try:
             for receiver in self.receivers_for(sender):
-                if not started:  # the first receiver: a send worth timing and tracing
-                    if _tracing and (_root_spans or _recording_parent()):
-                        spans = SendSpans.open(_active, probe, sender, kwargs)
-                    started = perf_counter()
-                receiver_probe, is_coroutine, _ = bound.get(id(receiver)) or probe.lookup(receiver)
-                call = _sync_callable(receiver, is_coroutine, _async_wrapper)
-                if spans is not None:
-                    result = spans.call(receiver_probe, call, sender, kwargs)
+                receiver_binding, is_coroutine, record = binding.bound(
+                    id(receiver)
+                ) or binding.lookup(receiver)
+                if is_coroutine:
+                    if _async_wrapper is None:
+                        raise RuntimeError("Cannot send to a coroutine function.")
+                    call = _async_wrapper(receiver)
                 else:
+                    call = receiver
+                if not started:  # the first receiver: a send worth tracing
+                    if active.spans is not None and (
+                        active.root_spans  # tracing.recording_parent(), inlined:
+                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
+                    ):
+                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
+                    started = perf_counter()
+                if spans is None:
                     call_started = perf_counter()
                     try:
                         result = call(sender, **kwargs)
                     except BaseException as exc:
-                        receiver_probe.record(perf_counter() - call_started, None, exc)
+                        receiver_binding.failed(perf_counter() - call_started, exc, None)
                         raise
-                    receiver_probe.record(perf_counter() - call_started, None, None)
+                    ended = perf_counter()
+                    record(ended - call_started)
+                else:
+                    result = spans.call(receiver_binding, call, sender, kwargs)
+                    ended = perf_counter()
                 results.append((receiver, result))
         except BaseException as exc:
-            if started:
-                probe.finish(started, spans, exc)
+            if spans is not None:
+                spans.finish(binding, perf_counter() - started, exc)
+            elif started:
+                binding.record(perf_counter() - started)
             raise
-        if started:
-            probe.finish(started, spans, None)
+        if spans is not None:
+            spans.finish(binding, ended - started, None)
+        elif started:  # the signal's time: first receiver's start to last one's end
+            binding.record(ended - started)
         return results
     finally:
         if hooks is not None:
-            _run_hook(hooks.after, sender, kwargs)
+            run_hook(hooks.after, sender, kwargs)
 
 
 async def send_async(
@@ -227,128 +177,184 @@ async def send_async(
     """blinker's ``Signal.send_async``, recording metrics and spans (mirrors :func:`send`)."""
     if self.is_muted:
         return []
-    probe = _probes_get(id(self)) or _new_probe(self, sender)
-    if not self.receivers:
-        probe.count_send()
-        return []
-    if not probe.enabled:
-        return await _originals["send_async"](self, sender, _sync_wrapper=_sync_wrapper, **kwargs)  # type: ignore[no-any-return]
-    probe.count_send()
-    results: Results = []
-    bound = probe.by_identity
-    started = 0.0
-    spans: SendSpans | None = None
+    active = _active
+    if active is None:
+        return await _blinker_send_async(self, sender, _sync_wrapper, kwargs)
+    binding = active.binding_of(id(self)) or _bind(active, self, sender)
+    hooks = binding.hooks
+    if hooks is not None:
+        run_hook(hooks.before, sender, kwargs)
     try:
-        for receiver in self.receivers_for(sender):
-            if not started:
-                if _tracing and (_root_spans or _recording_parent()):
-                    spans = SendSpans.open(_active, probe, sender, kwargs)
-                started = perf_counter()
-            receiver_probe, is_coroutine, _ = bound.get(id(receiver)) or probe.lookup(receiver)
-            if not is_coroutine:
-                if _sync_wrapper is None:
-                    raise RuntimeError("Cannot send to a non-coroutine function.")
-                call = _sync_wrapper(receiver)
-            else:
-                call = receiver
+        if not binding.recorded:
+            return await active.blinker_send_async(  # type: ignore[no-any-return]
+                self, sender, _sync_wrapper=_sync_wrapper, **kwargs
+            )
+        binding.count_send()
+        results: Results = []
+        spans: SendSpans | None = None
+        started = ended = 0.0
+        try:
+            for receiver in self.receivers_for(sender):
+                receiver_binding, is_coroutine, record = binding.bound(
+                    id(receiver)
+                ) or binding.lookup(receiver)
+                if not is_coroutine:
+                    if _sync_wrapper is None:
+                        raise RuntimeError("Cannot send to a non-coroutine function.")
+                    call = _sync_wrapper(receiver)
+                else:
+                    call = receiver
+                if not started:
+                    if active.spans is not None and (
+                        active.root_spans
+                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
+                    ):
+                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
+                    started = perf_counter()
+                if spans is None:
+                    call_started = perf_counter()
+                    try:
+                        result = await call(sender, **kwargs)
+                    except BaseException as exc:
+                        receiver_binding.failed(perf_counter() - call_started, exc, None)
+                        raise
+                    ended = perf_counter()
+                    record(ended - call_started)
+                else:
+                    result = await spans.await_call(receiver_binding, call, sender, kwargs)
+                    ended = perf_counter()
+                results.append((receiver, result))
+        except BaseException as exc:
             if spans is not None:
-                result = await spans.await_call(receiver_probe, call, sender, kwargs)
-            else:
-                call_started = perf_counter()
-                try:
-                    result = await call(sender, **kwargs)
-                except BaseException as exc:
-                    receiver_probe.record(perf_counter() - call_started, None, exc)
-                    raise
-                receiver_probe.record(perf_counter() - call_started, None, None)
-            results.append((receiver, result))
-    except BaseException as exc:
-        if started:
-            probe.finish(started, spans, exc)
-        raise
-    if started:
-        probe.finish(started, spans, None)
-    return results
+                spans.finish(binding, perf_counter() - started, exc)
+            elif started:
+                binding.record(perf_counter() - started)
+            raise
+        if spans is not None:
+            spans.finish(binding, ended - started, None)
+        elif started:
+            binding.record(ended - started)
+        return results
+    finally:
+        if hooks is not None:
+            run_hook(hooks.after, sender, kwargs)
 
 
-def _sync_callable(receiver: t.Any, is_coroutine: bool, async_wrapper: Wrapper | None) -> t.Any:
-    """What ``send`` calls for ``receiver``: blinker's rule, with blinker's error."""
-    if not is_coroutine:
-        return receiver
-    if async_wrapper is None:
-        raise RuntimeError("Cannot send to a coroutine function.")
-    return async_wrapper(receiver)
+# blinker's functions as found by the first instrument(); kept after the last
+# uninstrument() for sends that were already inside the patched function.
+_blinker_functions: dict[str, t.Any] = {}
 
 
-def _run_hook(hook: t.Any, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
-    if hook is None:
-        return
-    try:
-        hook(sender, kwargs)
-    except Exception:
-        internal_error(getattr(hook, "__qualname__", "hook"))
+def _blinker_send(self: Signal, sender: t.Any, wrapper: Wrapper | None, kwargs: t.Any) -> Results:
+    return _blinker_functions["send"](self, sender, _async_wrapper=wrapper, **kwargs)  # type: ignore[no-any-return]
+
+
+async def _blinker_send_async(
+    self: Signal, sender: t.Any, wrapper: Wrapper | None, kwargs: t.Any
+) -> Results:
+    return await _blinker_functions["send_async"](self, sender, _sync_wrapper=wrapper, **kwargs)  # type: ignore[no-any-return]
+
+
+def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
+    """The signal's binding at its first send (or at each, if it can't be cached)."""
+    with _lock:
+        found = active.signals.get(id(signal))
+        if found is not None:
+            return found
+        hooks = _hooks.get(id(signal))
+        try:
+            name = naming.signal_name(signal, sender)
+        except Exception:
+            internal_error("signal naming")
+            name = naming.ANONYMOUS_SIGNAL
+        binding = active.by_name.get(name)
+        if binding is None or binding.hooks is not hooks:
+            try:
+                recorded = records_signal(name, active.options.include, active.options.exclude)
+                binding = SignalBinding(name, recorded, active.metrics, hooks)
+            except Exception:
+                internal_error("signal binding")
+                # Unrecorded from now on, but sigtrace's request hooks keep running.
+                binding = unrecorded(name, hooks)
+        try:
+            cached = active.signals.put(signal, binding)
+        except Exception:  # a signal whose __weakref__ misbehaves
+            cached = False
+        if not cached:  # looked up by name at each send
+            active.by_name[name] = binding
+        return binding
 
 
 # --------------------------------------------------------------------------
 # Installing and removing the patch
 
 
-def instrument(
-    registry: t.Any = None,
-    tracer_provider: trace.TracerProvider | None = None,
-    *,
-    metrics: bool = True,
-    tracing_enabled: bool = True,
-    spans: tracing.SpanMode = "all",
-    root_spans: bool = False,
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    record_kwargs: Iterable[str] = (),
-    buckets: Iterable[float] = DEFAULT_BUCKETS,
-    max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
-) -> None:
+def _same_shape(blinker_function: t.Any, ours: t.Any) -> bool:
+    """Whether blinker's function takes exactly the parameters ours was written for."""
+
+    def shape(function: t.Any) -> list[tuple[str, t.Any, t.Any]]:
+        parameters = inspect.signature(function).parameters.values()
+        return [(p.name, p.kind, p.default) for p in parameters]
+
+    try:
+        return shape(blinker_function) == shape(ours)
+    except (TypeError, ValueError):
+        return False
+
+
+def instrument(options: Options | None = None, /, **fields: t.Any) -> None:
     """Trace every blinker ``Signal.send`` and ``send_async`` in the process.
 
-    Idempotent and reference-counted: each call must be matched by one
-    :func:`uninstrument`. The first call's settings hold until the last
-    ``uninstrument()``; a later call with a different ``registry`` or
-    ``tracer_provider`` raises :class:`ValueError`, since signals are
-    process-wide and their metrics can live in one registry only.
+    Takes an :class:`~sigtrace.options.Options` or its fields as keywords.
+    Reference-counted: each call must be matched by one :func:`uninstrument`.
+    The first call's options hold until the last ``uninstrument()``; a later
+    call with different options raises :class:`ValueError` naming the first
+    option that differs, since signals are process-wide.
 
-    :param registry: where metrics go; ``prometheus_client.REGISTRY`` by default.
-    :param tracer_provider: where spans go; the global provider by default.
+    If blinker's ``send`` / ``send_async`` do not have the signature sigtrace
+    was written for (a blinker release that changed them), one warning is
+    logged and blinker is left unpatched: the app runs, unrecorded.
     """
-    global _refcount, _active, _tracing, _root_spans
+    global _active
+    if options is None:
+        options = Options(**fields)
+    elif fields:
+        raise TypeError("pass an Options object or keyword options, not both")
     with _lock:
-        if _refcount:
-            assert _active is not None
-            if registry is not None and registry is not _active.registry:
+        if _active is not None:
+            differs = _active.options.first_difference(options)
+            if differs is not None:
                 raise ValueError(
-                    "sigtrace is already instrumented with another registry; call "
-                    "sigtrace.uninstrument() first or pass the same registry"
+                    f"sigtrace is already instrumented with another {differs} "
+                    f"(was {getattr(_active.options, differs)!r}, "
+                    f"this call {getattr(options, differs)!r}); "
+                    "call sigtrace.uninstrument() first or pass the same options"
                 )
-            if tracer_provider is not None and tracer_provider is not _active.tracer_provider:
-                raise ValueError(
-                    "sigtrace is already instrumented with another tracer_provider; "
-                    "call sigtrace.uninstrument() first or pass the same provider"
-                )
-            _refcount += 1
+            _active.users += 1
             return
-        if spans not in tracing.SPAN_MODES:
-            raise ValueError(f"spans must be one of {tracing.SPAN_MODES}, got {spans!r}")
-        _active = Instrumentation(
-            registry, tracer_provider, metrics, tracing_enabled, spans, root_spans,
-            include, exclude, record_kwargs, buckets, max_label_values,
-        )  # fmt: skip
-        _tracing = _active.tracer is not None
-        _root_spans = _tracing and _active.root_spans
-        _probes.clear()
-        _probe_refs.clear()
-        _originals["send"] = Signal.__dict__["send"]
-        _originals["send_async"] = Signal.__dict__["send_async"]
-        Signal.send = send  # type: ignore[method-assign]
-        Signal.send_async = send_async  # type: ignore[method-assign]
-        _refcount = 1
+        blinker_send = Signal.__dict__["send"]
+        blinker_send_async = Signal.__dict__["send_async"]
+        active = Active(options, blinker_send, blinker_send_async)
+        if _same_shape(blinker_send, send) and _same_shape(blinker_send_async, send_async):
+            _blinker_functions.update(send=blinker_send, send_async=blinker_send_async)
+            _active = active
+            Signal.send = send  # type: ignore[method-assign]
+            Signal.send_async = send_async  # type: ignore[method-assign]
+            active.patched = True
+        else:
+            _active = active
+            log.warning(
+                "sigtrace: blinker's Signal.send or send_async does not have the signature "
+                "sigtrace %s was written for (blinker changed them); signals are NOT "
+                "recorded. Upgrade sigtrace or pin blinker to a release it supports.",
+                _version(),
+            )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def uninstrument() -> None:
@@ -357,36 +363,37 @@ def uninstrument() -> None:
     After it, ``Signal.send is`` the function that was there before the first
     ``instrument()``. Extra calls do nothing.
     """
-    global _refcount, _active, _tracing, _root_spans
+    global _active
     with _lock:
-        if _refcount == 0:
+        active = _active
+        if active is None:
             return
-        _refcount -= 1
-        if _refcount:
+        active.users -= 1
+        if active.users:
             return
-        Signal.send = _originals.pop("send")  # type: ignore[method-assign]
-        Signal.send_async = _originals.pop("send_async")  # type: ignore[method-assign]
+        if active.patched:
+            Signal.send = active.blinker_send  # type: ignore[method-assign]
+            Signal.send_async = active.blinker_send_async  # type: ignore[method-assign]
         _active = None
-        _tracing = _root_spans = False
-        _probes.clear()
-        _probe_refs.clear()
 
 
 def is_instrumented() -> bool:
     """True between the first :func:`instrument` and the last :func:`uninstrument`."""
-    return _refcount > 0
+    return _active is not None
 
 
-def set_hooks(signal: Signal, hooks: Hooks | None) -> None:
+def set_hooks(signal: Signal, hooks: RequestHooks | None) -> None:
     """Run ``hooks`` around ``signal``'s receivers (or stop, with None)."""
     with _lock:
         if hooks is None:
             _hooks.pop(id(signal), None)
         else:
             _hooks[id(signal)] = hooks
-        probe = _probes.get(id(signal))
-        if probe is not None:
-            probe.set_hooks(hooks)
+        active = _active
+        if active is not None:
+            binding = active.signals.get(id(signal))
+            if binding is not None:
+                binding.hooks = hooks
 
 
 def active_metrics() -> MetricSet | None:
@@ -395,13 +402,16 @@ def active_metrics() -> MetricSet | None:
     return active.metrics if active is not None else None
 
 
-def seen_signals() -> list[Signal]:
-    """Signals sent since instrumentation (for the CLI)."""
-    with _lock:
-        return list(_seen_signals)
+def sent_signals() -> list[tuple[Signal, str]]:
+    """Signals sent since instrumentation, with their labels (for the CLI)."""
+    active = _active
+    if active is None:
+        return []
+    return [(signal, binding.name) for signal, binding in active.signals.live()]
 
 
-def probe_name(signal: Signal) -> str | None:
+def label_of(signal: Signal) -> str | None:
     """The label a signal's metrics use, if it was sent while instrumented."""
-    probe = _probes.get(id(signal))
-    return probe.name if probe is not None else None
+    active = _active
+    binding = active.signals.get(id(signal)) if active is not None else None
+    return binding.name if binding is not None else None

@@ -1,7 +1,7 @@
 """``SigTrace``: the Flask extension (config, request lifecycle, /metrics, CLI).
 
 Request timing runs as sigtrace hooks around Flask's own signals (see
-:class:`sigtrace.dispatch.Hooks`), not as receivers, so it never shows up among
+:class:`sigtrace.bindings.RequestHooks`), not as receivers, so it never shows up among
 the user's receivers and costs no receiver bookkeeping:
 
 * ``request_started`` (before its receivers): start the clock, and the SERVER
@@ -40,10 +40,10 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from . import dispatch, tracing
+from .bindings import exemplar_of
 from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
-from .probes import exemplar_of
 
 __all__ = ["SigTrace", "UNMATCHED_ENDPOINT"]
 
@@ -207,17 +207,14 @@ def _install_request_hooks() -> None:
     with _hooks_lock:
         if _hooks_installed:
             return
+        hooks = dispatch.RequestHooks
+        dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
+        dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
         dispatch.set_hooks(
-            flask_signals.request_started, dispatch.Hooks(before=_on_request_started)
+            flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
         )
         dispatch.set_hooks(
-            flask_signals.request_finished, dispatch.Hooks(after=_on_request_finished)
-        )
-        dispatch.set_hooks(
-            flask_signals.got_request_exception, dispatch.Hooks(before=_on_got_request_exception)
-        )
-        dispatch.set_hooks(
-            flask_signals.request_tearing_down, dispatch.Hooks(before=_on_request_tearing_down)
+            flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
         )
         _hooks_installed = True
 
@@ -259,8 +256,8 @@ class SigTrace:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
         dispatch.instrument(
-            self.registry,
-            self.tracer_provider,
+            registry=self.registry,
+            tracer_provider=self.tracer_provider,
             metrics=settings.metrics,
             tracing_enabled=settings.tracing,
             spans=t.cast(tracing.SpanMode, settings.spans),

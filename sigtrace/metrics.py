@@ -1,22 +1,21 @@
-"""Metric families, pre-bound label children and their two storage backends.
+"""Metric families and their values, kept in this process's memory.
 
-The traced send only ever calls ``child.inc()``, ``child.observe(v, ex)`` or
-(single process) ``child.add(v)`` on children bound once per (signal,
-receiver) and cached, never ``labels()``.
+The traced send records with one C call per value and no lock: a counter
+child's ``inc`` is an ``itertools.count``'s ``__next__``, a histogram child's
+``record`` is a list's ``append``. prometheus-client takes a lock per
+increment and per observation (and an mmap write in multiprocess mode), which
+would be most of sigtrace's budget, so these values are written by hand; its
+classes still do the exposition (:class:`prometheus_client.registry.Collector`).
 
-Two backends give the children those methods:
+A histogram's recorded values wait in their list until they are *folded* into
+bucket counts and a sum: by a scrape, by any other reader of
+:meth:`Family.snapshot`, or at the latest after :data:`FOLD_INTERVAL` by one
+daemon thread per process, which bounds the memory they take. Folding sorts
+the batch and bisects it once per bucket bound.
 
-* single process (the default): sigtrace's own lock-free children, exposed by
-  one :class:`prometheus_client.registry.Collector` per registry. Written by
-  hand because prometheus-client takes a lock per increment (about 0.5 µs here,
-  1.2 µs per histogram observe), which would be most of sigtrace's budget. A
-  counter is an ``itertools.count`` (``next()`` is one atomic C call); a
-  histogram is ``sigtrace._speedups.Histogram`` (C, one call per observation,
-  atomic under the GIL) or, where that extension was not built, a pure-Python
-  core with one row of bucket counts per thread, summed at scrape time.
-* multiprocess (``PROMETHEUS_MULTIPROC_DIR`` set): prometheus-client's own
-  Counter and Histogram, whose values live in the shared mmap files that
-  :class:`prometheus_client.multiprocess.MultiProcessCollector` aggregates.
+Values are the same in every deployment. Under a multi-process server each
+process keeps its own, and :mod:`sigtrace.multiprocess` publishes and merges
+them (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ import threading
 import time
 import typing as t
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -39,10 +39,13 @@ from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "DEFAULT_BUCKETS",
-    "SPEEDUPS",
     "DEFAULT_MAX_LABEL_VALUES",
+    "FOLD_INTERVAL",
     "OVERFLOW_VALUE",
+    "CounterChild",
     "Family",
+    "HistogramChild",
+    "HistogramValue",
     "MetricSet",
     "metric_set",
     "multiprocess_mode",
@@ -62,129 +65,115 @@ DEFAULT_MAX_LABEL_VALUES = 500
 OVERFLOW_VALUE = "__overflow__"
 """The value that label values past the cap are folded into."""
 
+FOLD_INTERVAL = 1.0
+"""Seconds at most between two folds of recorded histogram values."""
+
 INF = float("inf")
 
 
 def multiprocess_mode() -> bool:
-    """True when prometheus-client's multiprocess mode is configured."""
+    """True when ``PROMETHEUS_MULTIPROC_DIR`` is set: values are published for merging."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-class FastCounter:
-    """A monotonic counter incremented by one without a lock."""
+class CounterChild:
+    """A monotonic count of calls to ``inc``, without a lock."""
 
-    __slots__ = ("_count", "inc")
+    __slots__ = ("_base", "_count", "inc")
 
     def __init__(self) -> None:
         self._count = itertools.count()
+        self._base = 0
         # The bound C method itself: calling it is the whole increment.
         self.inc: t.Callable[[], object] = self._count.__next__
 
-    def get(self) -> float:
+    def _total(self) -> int:
         # itertools.count reveals its next value only through its repr.
-        return float(repr(self._count)[6:-1])
+        return int(repr(self._count)[6:-1])
+
+    def value(self) -> float:
+        return float(self._total() - self._base)
+
+    def reset(self) -> None:
+        self._base = self._total()
 
 
-class PyHistogramCore:
-    """Bucket counts and a sum without a lock: one row per writing thread.
+@dataclass
+class HistogramValue:
+    """A histogram's state: per-bucket counts (not cumulative), sum, exemplars."""
 
-    The pure-Python twin of ``sigtrace._speedups.Histogram`` (same ``add`` and
-    ``snapshot``), used when the C extension was not built. A row is written
-    only by its thread and summed at scrape time.
-    """
+    counts: list[float]
+    sum: float
+    exemplars: list[Exemplar | None]
 
-    __slots__ = ("_bounds", "_local", "_lock", "_retired", "_rows")
 
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self._bounds = tuple(bounds)  # ends with +Inf
-        self._local = threading.local()
-        self._rows: list[tuple[weakref.ref[threading.Thread], list[float]]] = []
-        self._retired = [0.0] * (len(self._bounds) + 1)  # folded rows of dead threads
+class HistogramChild:
+    """Observations recorded without a lock, folded into buckets when read."""
+
+    __slots__ = ("_counts", "_exemplars", "_lock", "_pending", "_sum", "bounds", "record")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # ends with +Inf
+        self._pending: list[float] = []
+        # The list's own C method: recording a value is one call, atomic under
+        # the GIL (and per-list locked on free-threaded builds).
+        self.record: t.Callable[[float], None] = self._pending.append
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        self._exemplars: list[Exemplar | None] = [None] * len(bounds)
         self._lock = threading.Lock()
 
-    def add(self, amount: float) -> int:
-        """Count one observation; return its bucket's index."""
-        try:
-            row: list[float] = self._local.row
-        except AttributeError:
-            row = self._new_row()
-        index = bisect_left(self._bounds, amount)
-        row[index] += 1
-        row[-1] += amount
-        return index
-
-    def _new_row(self) -> list[float]:
-        row = [0.0] * (len(self._bounds) + 1)
-        self._local.row = row
-        with self._lock:
-            self._fold_dead_rows()
-            self._rows.append((weakref.ref(threading.current_thread()), row))
-        return row
-
-    def _fold_dead_rows(self) -> None:
-        alive = []
-        for thread_ref, row in self._rows:
-            thread = thread_ref()
-            if thread is None or not thread.is_alive():
-                for i, value in enumerate(row):
-                    self._retired[i] += value
-            else:
-                alive.append((thread_ref, row))
-        self._rows = alive
-
-    def snapshot(self) -> tuple[list[float], float]:
-        """Per-bucket (non-cumulative) counts and the sum, over all threads."""
-        with self._lock:
-            self._fold_dead_rows()
-            totals = list(self._retired)
-            for _, row in self._rows:
-                for i, value in enumerate(row):
-                    totals[i] += value
-        return totals[:-1], totals[-1]
-
-
-class HistogramCore(t.Protocol):
-    def add(self, amount: float, /) -> int: ...
-    def snapshot(self) -> tuple[list[float], float]: ...
-
-
-HistogramCoreType = t.Callable[[Sequence[float]], HistogramCore]
-
-_core_type: HistogramCoreType
-try:
-    from ._speedups import Histogram as _CHistogram
-except ImportError:  # built without a C compiler
-    _core_type = PyHistogramCore
-    SPEEDUPS = False
-else:
-    _core_type = _CHistogram
-    SPEEDUPS = True
-"""True when histograms use the C extension ``sigtrace._speedups``."""
-
-
-class FastHistogram:
-    """A pre-bound histogram child: C core when built, else :class:`PyHistogramCore`.
-
-    ``add(amount)`` is the core's own method (the hot path calls it directly);
-    ``observe(amount, exemplar)`` adds the exemplar, as prometheus-client's does.
-    """
-
-    __slots__ = ("_exemplars", "add", "snapshot")
-
-    def __init__(self, bounds: Sequence[float], core: HistogramCoreType | None = None) -> None:
-        built = (core or _core_type)(bounds)
-        self.add: t.Callable[[float], int] = built.add
-        self.snapshot: t.Callable[[], tuple[list[float], float]] = built.snapshot
-        self._exemplars: list[Exemplar | None] = [None] * len(bounds)
-
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        index = self.add(amount)
+        """Record ``amount``; keep ``exemplar`` as its bucket's latest."""
+        self.record(amount)
         if exemplar is not None:
+            index = bisect_left(self.bounds, amount)
             self._exemplars[index] = Exemplar(exemplar, amount, time.time())
+
+    def fold(self) -> None:
+        """Move recorded values into the bucket counts and the sum."""
+        with self._lock:
+            pending = self._pending
+            size = len(pending)
+            if not size:
+                return
+            # Values appended by other threads meanwhile stay after index size.
+            batch = pending[:size]
+            del pending[:size]
+            batch.sort()
+            counts = self._counts
+            below_previous = 0
+            for index, bound in enumerate(self.bounds[:-1]):
+                below = bisect_right(batch, bound)
+                counts[index] += below - below_previous
+                below_previous = below
+            counts[-1] += size - below_previous
+            self._sum += sum(batch)
+
+    def value(self) -> HistogramValue | None:
+        """The folded state, or None before the first observation."""
+        self.fold()
+        with self._lock:
+            if not any(self._counts):
+                return None
+            return HistogramValue(
+                [float(c) for c in self._counts], self._sum, list(self._exemplars)
+            )
+
+    def reset(self) -> None:
+        with self._lock:
+            del self._pending[:]
+            self._counts = [0] * len(self.bounds)
+            self._sum = 0.0
+            self._exemplars = [None] * len(self.bounds)
+
+
+Child = CounterChild | HistogramChild
+Sample = tuple[tuple[str, ...], float | HistogramValue]
 
 
 class Family:
-    """One metric family: cached children by label values, with a cardinality cap."""
+    """One metric family: children by label values, with a cardinality cap."""
 
     def __init__(
         self,
@@ -194,34 +183,20 @@ class Family:
         kind: t.Literal["counter", "histogram"],
         buckets: Sequence[float],
         max_label_values: int,
-        registry: CollectorRegistry,
-        multiprocess: bool,
-        warned: set[str] | None = None,
+        warned: set[str],
     ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.kind = kind
-        self.bounds = (*sorted(set(buckets)), INF)
+        self.bounds: tuple[float, ...] = (*sorted(set(buckets) - {INF}), INF)
         self.max_label_values = max_label_values
-        # capped values -> child; values folded past the cap are not keys (they
-        # are unbounded) and take the locked path to the overflow child.
+        # Capped label values -> child. Values folded past the cap are not keys
+        # (they are unbounded) and take the locked path to the overflow child.
         self._children: dict[tuple[str, ...], t.Any] = {}
         self._seen: list[set[str]] = [set() for _ in self.labelnames]
-        self._warned: set[str] = set() if warned is None else warned  # shared: one warning a label
+        self._warned = warned  # shared by a MetricSet: one warning per label
         self._lock = threading.Lock()
-        self._client: t.Any = None
-        if multiprocess:
-            if kind == "counter":
-                self._client = prometheus_client.Counter(
-                    name.removesuffix("_total"), documentation, self.labelnames,
-                    registry=registry,
-                )  # fmt: skip
-            else:
-                self._client = prometheus_client.Histogram(
-                    name, documentation, self.labelnames,
-                    buckets=self.bounds, registry=registry,
-                )  # fmt: skip
 
     def child(self, *values: str) -> t.Any:
         """The child for ``values`` (folded past the cap), created once."""
@@ -255,33 +230,55 @@ class Family:
             capped.append(value)
         return tuple(capped)
 
-    def _make_child(self, values: tuple[str, ...]) -> t.Any:
-        if self._client is not None:
-            return self._client.labels(*values)
+    def _make_child(self, values: tuple[str, ...]) -> Child:
         if self.kind == "counter":
-            return FastCounter()
-        return FastHistogram(self.bounds)
+            return CounterChild()
+        return HistogramChild(self.bounds)
 
-    def collect(self) -> CounterMetricFamily | HistogramMetricFamily:
-        """The family's current samples (single-process backend only)."""
+    def children(self) -> list[tuple[tuple[str, ...], t.Any]]:
         with self._lock:
-            items = list(self._children.items())
-        if self.kind == "counter":
-            counter = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for values, child in items:
-                counter.add_metric(values, child.get())
-            return counter
-        histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in items:
-            counts, total = child.snapshot()
-            buckets: list[t.Any] = []
-            cumulative = 0.0
-            for bound, count, exemplar in zip(self.bounds, counts, child._exemplars, strict=True):
-                cumulative += count
-                le = floatToGoString(bound)  # type: ignore[no-untyped-call]
-                buckets.append((le, cumulative, exemplar) if exemplar else (le, cumulative))
-            histogram.add_metric(values, buckets, total)
-        return histogram
+            return list(self._children.items())
+
+    def snapshot(self) -> list[Sample]:
+        """Each child's value; histograms without observations are left out."""
+        samples: list[Sample] = []
+        for values, child in self.children():
+            value = child.value()
+            if value is not None:
+                samples.append((values, value))
+        return samples
+
+    def reset(self) -> None:
+        for _, child in self.children():
+            child.reset()
+
+    def fold(self) -> None:
+        if self.kind == "histogram":
+            for _, child in self.children():
+                child.fold()
+
+
+def prometheus_family(
+    family: Family, samples: Iterable[Sample]
+) -> CounterMetricFamily | HistogramMetricFamily:
+    """prometheus-client's metric family for ``samples`` of ``family``."""
+    if family.kind == "counter":
+        counter = CounterMetricFamily(family.name, family.documentation, labels=family.labelnames)
+        for values, total in samples:
+            counter.add_metric(values, t.cast(float, total))
+        return counter
+    histogram = HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
+    for values, value in samples:
+        value = t.cast(HistogramValue, value)
+        buckets: list[t.Any] = []
+        cumulative = 0.0
+        rows = zip(family.bounds, value.counts, value.exemplars, strict=True)
+        for bound, count, exemplar in rows:
+            cumulative += count
+            le = floatToGoString(bound)  # type: ignore[no-untyped-call]
+            buckets.append((le, cumulative, exemplar) if exemplar else (le, cumulative))
+        histogram.add_metric(values, buckets, value.sum)
+    return histogram
 
 
 class MetricSet:
@@ -293,16 +290,12 @@ class MetricSet:
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
     ) -> None:
-        self.multiprocess = multiprocess_mode()
         warned: set[str] = set()
 
         def family(
             name: str, doc: str, labels: Sequence[str], kind: t.Literal["counter", "histogram"]
         ) -> Family:
-            return Family(
-                name, doc, labels, kind, buckets, max_label_values, registry, self.multiprocess,
-                warned,
-            )  # fmt: skip
+            return Family(name, doc, labels, kind, buckets, max_label_values, warned)
 
         self.signal_sends = family(
             "sigtrace_signal_sends_total",
@@ -338,8 +331,17 @@ class MetricSet:
             self.signal_sends, self.signal_duration, self.receiver_duration,
             self.receiver_errors, self.http_duration, self.http_exceptions,
         )  # fmt: skip
-        if not self.multiprocess:
-            registry.register(_FamiliesCollector(self.families))
+        registry.register(_FamiliesCollector(self.families))
+        _folder.watch(self)
+
+    def reset(self) -> None:
+        """Zero every value (a forked child must not count its parent's values again)."""
+        for family in self.families:
+            family.reset()
+
+    def fold(self) -> None:
+        for family in self.families:
+            family.fold()
 
 
 class _FamiliesCollector(Collector):
@@ -348,7 +350,7 @@ class _FamiliesCollector(Collector):
 
     def collect(self) -> Iterable[t.Any]:
         for family in self._families:
-            yield family.collect()
+            yield prometheus_family(family, family.snapshot())
 
     def describe(self) -> Iterable[t.Any]:
         # Names only, so the registry refuses a second collector of the same
@@ -358,6 +360,47 @@ class _FamiliesCollector(Collector):
                 yield CounterMetricFamily(family.name, family.documentation)
             else:
                 yield HistogramMetricFamily(family.name, family.documentation)
+
+
+class _Folder:
+    """The process's daemon thread that folds every live MetricSet periodically."""
+
+    def __init__(self) -> None:
+        self._sets: weakref.WeakSet[MetricSet] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pid = 0  # the process whose thread runs
+
+    def watch(self, metric_set: MetricSet) -> None:
+        with self._lock:
+            self._sets.add(metric_set)
+            if self._pid != os.getpid():
+                self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        threading.Thread(target=self._run, name="sigtrace-fold", daemon=True).start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(FOLD_INTERVAL)
+            for metric_set in list(self._sets):
+                try:
+                    metric_set.fold()
+                except Exception:  # pragma: no cover - folding only sorts and adds
+                    log.debug("sigtrace: folding failed", exc_info=True)
+
+    def after_fork_in_child(self) -> None:
+        """The thread did not survive the fork: start one for this process."""
+        self._lock = threading.Lock()
+        self._pid = 0
+        if len(self._sets):
+            self._start()
+
+
+_folder = _Folder()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_folder.after_fork_in_child)
 
 
 _sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = weakref.WeakKeyDictionary()

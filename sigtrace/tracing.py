@@ -24,7 +24,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 __all__ = [
     "ATTR_APP_NAME",
     "ATTR_KWARG_PREFIX",
-    "ATTR_RECEIVERS_COUNT",
+    "ATTR_RECEIVERS_CALLED",
     "ATTR_SIGNAL_NAME",
     "CODE_FUNCTION_NAME",
     "ERROR_TYPE",
@@ -39,7 +39,8 @@ __all__ = [
 log = logging.getLogger("sigtrace")
 
 ATTR_SIGNAL_NAME = "blinker.signal.name"
-ATTR_RECEIVERS_COUNT = "blinker.receivers.count"
+ATTR_RECEIVERS_CALLED = "blinker.receivers.called"
+"""Receivers the send called (a raising receiver included, later ones not)."""
 ATTR_KWARG_PREFIX = "blinker.kwargs."
 ATTR_APP_NAME = "flask.app.name"
 

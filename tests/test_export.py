@@ -191,7 +191,7 @@ def request_trace(
         signal = [s for s in mine if s.name == "signal user-signed-up"]
         if not signal or not any(s.kind == "SERVER" for s in mine):
             return []
-        expected = 2 + int(signal[0].attributes["blinker.receivers.count"])
+        expected = 2 + int(signal[0].attributes["blinker.receivers.called"])
         return mine if len(mine) >= expected else []
 
     try:
@@ -244,7 +244,7 @@ def test_request_signal_and_receiver_spans_form_one_tree(
     assert signal.parent_span_id == server.span_id
     assert signal.attributes == {
         "blinker.signal.name": "user-signed-up",
-        "blinker.receivers.count": 3,
+        "blinker.receivers.called": 3,
         "flask.app.name": APP_NAME,
     }
     for name in RECEIVERS:
@@ -273,7 +273,7 @@ def test_a_failing_receiver_exports_error_spans(exporting: tuple[Receiver, AppPr
     assert server.attributes["http.response.status_code"] == 500
     assert server.attributes["error.type"] == "tests.apps.export_app.AuditLogUnavailable"
     receivers = [s for s in spans.values() if s.name.startswith("receiver ")]
-    assert len(receivers) == spans["signal user-signed-up"].attributes["blinker.receivers.count"]
+    assert len(receivers) == spans["signal user-signed-up"].attributes["blinker.receivers.called"]
     assert all(s.status == "UNSET" for s in receivers if s is not audit)
 
 

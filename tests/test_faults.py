@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
 
-from sigtrace import SigTrace, dispatch, metrics, naming, probes
+from sigtrace import SigTrace, dispatch, faults, metrics, naming
 
 ROUNDS = 25
 REPO = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ def baseline(registry: CollectorRegistry, parent_tracer: trace.Tracer) -> list[t
 @pytest.fixture
 def fresh_fault_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """sigtrace remembers logged faults process-wide; each test starts clean."""
-    monkeypatch.setattr(probes, "_faults_logged", set())
+    monkeypatch.setattr(faults, "_logged", set())
 
 
 def sigtrace_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -275,7 +275,7 @@ class RaisingTracerProvider(trace.TracerProvider):
         return RaisingTracer()
 
 
-class RaisingCounter(metrics.FastCounter):
+class RaisingCounter(metrics.CounterChild):
     __slots__ = ()
 
     def __init__(self) -> None:
@@ -287,16 +287,16 @@ class RaisingCounter(metrics.FastCounter):
         self.inc = inc
 
 
-class RaisingHistogram(metrics.FastHistogram):
+class RaisingHistogram(metrics.HistogramChild):
     __slots__ = ()
 
-    def __init__(self, bounds: t.Sequence[float]) -> None:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
         super().__init__(bounds)
 
-        def add(amount: float) -> int:  # what the lean send path calls
-            raise InjectedFault("add")
+        def record(amount: float) -> None:  # what the send calls
+            raise InjectedFault("record")
 
-        self.add = add
+        self.record = record
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         raise InjectedFault("observe")
@@ -338,7 +338,7 @@ def _no_injection(monkeypatch: pytest.MonkeyPatch) -> None:
 # fault described -> (how to inject it, the tracer provider sigtrace gets)
 FAULTS: dict[str, tuple[t.Callable[[pytest.MonkeyPatch], None], t.Callable[[], t.Any]]] = {
     "a tracer whose start_span raises": (_no_injection, lambda: RaisingTracerProvider()),
-    "histogram children whose add and observe raise": (
+    "histogram children whose record and observe raise": (
         lambda mp: sabotage_children(mp, "histogram"),
         lambda: in_memory_provider(),
     ),

@@ -124,7 +124,7 @@ def test_send_under_a_recording_parent_makes_a_signal_span(
     assert span.context.trace_id == parent.get_span_context().trace_id
     assert dict(span.attributes or {}) == {
         "blinker.signal.name": "tr-signal-span",
-        "blinker.receivers.count": 2,
+        "blinker.receivers.called": 2,
     }
     assert span.status.status_code is StatusCode.UNSET
 
@@ -251,7 +251,7 @@ def test_the_signal_span_records_the_error_that_ended_the_send(
     assert span.status.status_code is StatusCode.ERROR
     assert (span.attributes or {})["error.type"] == f"{__name__}.PaymentDeclined"
     receivers = [s for s in tracing.spans() if s.name.startswith("receiver ")]
-    assert (span.attributes or {})["blinker.receivers.count"] == len(receivers)
+    assert (span.attributes or {})["blinker.receivers.called"] == len(receivers)
     assert receivers[-1].name == f"receiver {CHARGE_CARD}", "no receiver ran after the error"
 
 

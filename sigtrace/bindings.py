@@ -1,0 +1,239 @@
+"""What the traced send records, bound once per signal and per receiver.
+
+A :class:`SignalBinding` is made at a signal's first send: its label, whether
+it is recorded, its metric children, span name and attributes, and the
+request hooks of Flask's signals. Each receiver is bound once to a
+:class:`ReceiverBinding` and cached by identity, so the send does one dict
+lookup per receiver and gets, in one tuple, the binding, whether the receiver
+is a coroutine function and the C method that records its duration.
+
+Everything here that records swallows its own faults through
+:func:`~sigtrace.faults.internal_error`: a broken metric backend costs the
+recording, never the send.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import types
+import typing as t
+from collections.abc import Callable, Iterable
+
+from . import naming, tracing
+from .faults import internal_error
+from .identity import IdentityCache
+from .metrics import CounterChild, HistogramChild, MetricSet
+
+__all__ = [
+    "RequestHooks",
+    "ReceiverBinding",
+    "SignalBinding",
+    "exemplar_of",
+    "records_signal",
+]
+
+Hook = Callable[[t.Any, dict[str, t.Any]], None]
+
+
+class RequestHooks(t.NamedTuple):
+    """sigtrace's own code run around a signal's receivers (Flask request timing).
+
+    Hooks are not receivers: they never show in ``signal.receivers``, metrics,
+    spans or results, and run even for signals excluded from recording.
+    """
+
+    before: Hook | None = None
+    after: Hook | None = None
+
+
+def run_hook(hook: Hook | None, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
+    if hook is None:
+        return
+    try:
+        hook(sender, kwargs)
+    except Exception:
+        internal_error(getattr(hook, "__qualname__", "request hook"))
+
+
+def _ignore(_value: object = None) -> None:
+    return None
+
+
+def _safe(method: Callable[..., t.Any], where: str) -> Callable[..., t.Any]:
+    """``method`` itself when it is the C method of sigtrace's own values, else guarded.
+
+    The send calls these without a ``try``: a list's ``append`` and an
+    ``itertools.count``'s ``__next__`` cannot fail, anything else might.
+    """
+    owner = getattr(method, "__self__", None)
+    if isinstance(method, _C_METHODS) and type(owner) in (list, _count_type):
+        return method
+
+    def guarded(*args: t.Any) -> None:
+        try:
+            method(*args)
+        except Exception:
+            internal_error(where)
+
+    return guarded
+
+
+_count_type = type(CounterChild()._count)
+_C_METHODS = (types.BuiltinMethodType, types.MethodWrapperType)
+
+
+def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    """Whether the include/exclude patterns let signal ``name`` be recorded."""
+    include = tuple(include)
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def exemplar_of(span: t.Any) -> dict[str, str] | None:
+    """The exemplar labels for observations under ``span``: its trace id, if sampled."""
+    context = span.get_span_context()
+    if context.trace_flags.sampled:
+        return {"trace_id": format(context.trace_id, "032x")}
+    return None
+
+
+class ReceiverBinding:
+    """What one (signal, receiver name) pair records, bound once."""
+
+    __slots__ = ("_errors", "_errors_family", "_labels", "attributes", "duration", "span_name")
+
+    def __init__(self, signal: str, name: str, metrics: MetricSet | None) -> None:
+        self._labels = (signal, name)
+        self._errors_family = metrics.receiver_errors if metrics else None
+        self._errors: dict[type[BaseException], CounterChild] = {}
+        self.duration: HistogramChild | None = (
+            metrics.receiver_duration.child(signal, name) if metrics else None
+        )
+        self.span_name = f"receiver {name}"
+        self.attributes = {
+            tracing.ATTR_SIGNAL_NAME: signal,
+            tracing.CODE_FUNCTION_NAME: name,
+        }
+
+    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
+        """Observe one call that returned (under a span: with its exemplar)."""
+        try:
+            if self.duration is not None:
+                self.duration.observe(elapsed, exemplar)
+        except Exception:
+            internal_error("receiver metrics")
+
+    def failed(self, elapsed: float, exc: BaseException, exemplar: dict[str, str] | None) -> None:
+        """Observe one call that raised ``exc`` and count the exception; never raises."""
+        try:
+            if self.duration is not None:
+                self.duration.observe(elapsed, exemplar)
+            if self._errors_family is not None:
+                child = self._errors.get(type(exc))
+                if child is None:
+                    exception = naming.clean_label(type(exc).__name__)
+                    child = self._errors_family.child(*self._labels, exception)
+                    self._errors[type(exc)] = child
+                child.inc()
+        except Exception:
+            internal_error("receiver metrics")
+
+
+_MAX_SHARED_RECEIVERS = 1000  # receiver names a signal keeps bindings for
+
+# (binding, receiver is a coroutine function, records the call's duration):
+# what the send needs of a receiver, in one dict lookup.
+Bound = tuple[ReceiverBinding, bool, Callable[[float], None]]
+
+
+class SignalBinding:
+    """What one signal records, bound at its first send."""
+
+    __slots__ = (
+        "_metrics",
+        "_names",
+        "attributes",
+        "bound",
+        "count_send",
+        "duration",
+        "hooks",
+        "name",
+        "receivers",
+        "record",
+        "recorded",
+        "span_name",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        recorded: bool,
+        metrics: MetricSet | None,
+        hooks: RequestHooks | None,
+    ) -> None:
+        self.name = name
+        self.recorded = recorded
+        self.hooks = hooks
+        metrics = metrics if recorded else None
+        self._metrics = metrics
+        self.count_send: Callable[[], object] = (
+            _safe(metrics.signal_sends.child(name).inc, "send counting") if metrics else _ignore
+        )
+        self.duration: HistogramChild | None = (
+            metrics.signal_duration.child(name) if metrics else None
+        )
+        self.record: Callable[[float], None] = (
+            _safe(self.duration.record, "signal metrics") if self.duration else _ignore
+        )
+        self._names: dict[str, ReceiverBinding] = {}
+        self.receivers: IdentityCache[Bound] = IdentityCache()
+        self.bound = self.receivers.get  # the send's lookup: bound(id(receiver))
+        self.span_name = f"signal {name}"
+        self.attributes = {tracing.ATTR_SIGNAL_NAME: name}
+
+    def lookup(self, receiver: t.Any) -> Bound:
+        """The receiver's binding after ``receivers.get(id(receiver))`` missed.
+
+        A bound method is a new object at each send: cached under its function.
+        """
+        if type(receiver) is types.MethodType:
+            found = self.receivers.get(id(receiver.__func__))
+            if found is not None:
+                return found
+        try:
+            info = naming.receiver_info(receiver)
+            name, is_coroutine = info.name, info.is_coroutine
+        except Exception:
+            from inspect import iscoroutinefunction
+
+            is_coroutine = iscoroutinefunction(receiver)  # raises where blinker's send would
+            internal_error("receiver naming")
+            name = naming.UNKNOWN_RECEIVER
+        binding = self._names.get(name)
+        if binding is None:
+            binding = ReceiverBinding(self.name, name, self._metrics)
+            # Shared by name up to a bound; past it each receiver owns its
+            # binding, which leaves with the receiver (names are unbounded).
+            if len(self._names) < _MAX_SHARED_RECEIVERS:
+                self._names[name] = binding
+        duration = binding.duration
+        record = _safe(duration.record, "receiver metrics") if duration else _ignore
+        bound = (binding, is_coroutine, record)
+        if name != naming.UNKNOWN_RECEIVER:
+            key = receiver.__func__ if type(receiver) is types.MethodType else receiver
+            self.receivers.put(key, bound)
+        return bound
+
+    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
+        """Observe the send's duration (under a span: with its exemplar); never raises."""
+        try:
+            if self.duration is not None:
+                self.duration.observe(elapsed, exemplar)
+        except Exception:
+            internal_error("signal metrics")
+
+
+def unrecorded(name: str, hooks: RequestHooks | None) -> SignalBinding:
+    """A binding that records nothing (an excluded signal, or a failed binding)."""
+    return SignalBinding(name, False, None, hooks)
