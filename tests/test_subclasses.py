@@ -399,6 +399,10 @@ INSTRUMENTATIONS = ("metrics", "metrics and spans")
 def run(case: Case, instrumentation: str | None) -> Run:
     """Send ``SENDS`` times through a fresh signal, with sigtrace or without."""
     uninstrument_all()
+    for error in (SUBCLASS_ERROR, SYNC_ERROR, ASYNC_ERROR):
+        # Each raise of the shared instance adds to its traceback; span events
+        # format it, so it must not grow over the file's thousands of sends.
+        error.__traceback__ = error.__context__ = None
     signal = case.build()
     EVENTS.clear()
     if instrumentation is None:
@@ -498,11 +502,14 @@ def assert_like_blinker(case: Case, instrumentations: t.Iterable[str] = INSTRUME
 # One trait at a time
 
 
+# NamedSignal: the sends must be counted under its name (unless "name" is the
+# trait); plain Signal for the hashing traits of the report (the property test
+# below mixes both bases with every trait).
 ONE_TRAIT = [
     (base, trait, variant)
     for trait, (_, variants) in TRAITS.items()
     for variant in variants
-    for base in (Signal, NamedSignal)
+    for base in ((Signal, NamedSignal) if trait == "hashing" else (NamedSignal,))
 ]
 
 
