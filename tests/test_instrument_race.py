@@ -98,7 +98,9 @@ class Senders:
         assert not any(thread.is_alive() for thread in self._threads), "a sender hung"
 
 
-def toggle(senders: Senders, instrument: Callable[[], None], uninstrument: Callable[[], None]) -> int:
+def toggle(
+    senders: Senders, instrument: Callable[[], None], uninstrument: Callable[[], None]
+) -> int:
     """Instrument and uninstrument until the bound; returns the cycles run."""
     deadline = time.monotonic() + TIME_BOUND
     cycles = 0

@@ -135,7 +135,8 @@ MODES = ("send", "send with _async_wrapper", "send_async", "send_async with _syn
 
 # Receivers each mode can call without blinker refusing (then with one raising),
 # and the receiver a receivers_for override adds.
-MODE_RECEIVERS: dict[str, tuple[tuple[Callable[..., t.Any], ...], tuple[Callable[..., t.Any], ...]]] = {
+Receivers = tuple[Callable[..., t.Any], ...]
+MODE_RECEIVERS: dict[str, tuple[Receivers, Receivers]] = {
     "send": ((sync_a, sync_c), (sync_a, sync_fails, sync_c)),
     "send with _async_wrapper": ((sync_a, async_b, sync_c), (sync_a, async_fails, sync_c)),
     "send_async": ((async_b, async_d), (async_b, async_fails, async_d)),
@@ -450,7 +451,7 @@ def assert_same_outcome(bare: Outcome, traced: Outcome, where: str) -> None:
     assert bare[0] == traced[0], message
     if bare[0] == "returned":
         assert len(traced[1]) == len(bare[1]), message
-        for (receiver, value), (got_receiver, got_value) in zip(bare[1], traced[1]):
+        for (receiver, value), (got_receiver, got_value) in zip(bare[1], traced[1], strict=True):
             assert got_receiver is receiver and got_value == value, message
     elif isinstance(bare[1], OWN_ERRORS):  # raised by a receiver or the subclass
         assert traced[1] is bare[1], message + " (not the same exception object)"
@@ -478,7 +479,7 @@ def assert_like_blinker(case: Case, instrumentations: t.Iterable[str] = INSTRUME
     for instrumentation in instrumentations:
         traced = run(case, instrumentation)
         where = f"{case.cls.__name__} via {case.mode} ({instrumentation})"
-        for number, (b, s) in enumerate(zip(bare.outcomes, traced.outcomes), 1):
+        for number, (b, s) in enumerate(zip(bare.outcomes, traced.outcomes, strict=True), 1):
             assert_same_outcome(b, s, f"{where}, send {number}")
         assert traced.events == bare.events, (
             f"{where}: the app saw other calls with sigtrace\n"
@@ -530,9 +531,7 @@ def test_a_subclass_with_one_trait_behaves_as_without_sigtrace(
 
 @pytest.mark.parametrize("variant", TRAITS["receivers_for"][1])
 @pytest.mark.parametrize("mode", MODES)
-def test_receivers_for_override_is_honoured_with_nothing_connected(
-    variant: str, mode: str
-) -> None:
+def test_receivers_for_override_is_honoured_with_nothing_connected(variant: str, mode: str) -> None:
     """Issue 12: receivers that only an override yields, ``self.receivers`` empty."""
     traits = {"receivers_for": variant}
     assert_like_blinker(Case(build_class(Signal, traits), traits, mode, (), (MODE_EXTRA[mode],)))
@@ -579,9 +578,7 @@ def test_the_receivers_for_override_of_the_report() -> None:
     sigtrace.instrument(registry=registry)
     try:
         assert signal.send("s") == [(extra, "extra")]
-        assert asyncio.run(signal.send_async("s", _sync_wrapper=sync_wrapper)) == [
-            (extra, "extra")
-        ]
+        assert asyncio.run(signal.send_async("s", _sync_wrapper=sync_wrapper)) == [(extra, "extra")]
     finally:
         uninstrument_all()
     assert sum(sends_by_label(registry).values()) == 2
