@@ -29,6 +29,7 @@ from collections.abc import Callable, Coroutine, Iterator
 
 import pytest
 from blinker import NamedSignal, Signal
+from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
@@ -111,18 +112,17 @@ async def async_extra(sender: object, **kwargs: object) -> str:
 RECEIVER_POOL = (sync_a, sync_c, sync_fails, sync_extra, async_b, async_d, async_fails, async_extra)
 
 
+FLASK_APP = Flask(__name__)
+
+
 def async_wrapper(receiver: Callable[..., Coroutine[t.Any, t.Any, t.Any]]) -> Callable[..., t.Any]:
-    """Like Flask's ``_async_wrapper`` (``ensure_sync``): run the coroutine to completion."""
+    """Flask's own ``_async_wrapper`` (``app.ensure_sync``), logged."""
     EVENTS.append(("_async_wrapper", receiver.__name__))
-
-    def run(*args: t.Any, **kwargs: t.Any) -> t.Any:
-        return asyncio.run(receiver(*args, **kwargs))
-
-    return run
+    return FLASK_APP.ensure_sync(receiver)
 
 
 def sync_wrapper(receiver: Callable[..., t.Any]) -> Callable[..., t.Any]:
-    """Like Flask's ``_sync_wrapper``: a coroutine function calling the sync receiver."""
+    """A ``_sync_wrapper`` as blinker documents it: a coroutine function calling the receiver."""
     EVENTS.append(("_sync_wrapper", receiver.__name__))
 
     async def run(*args: t.Any, **kwargs: t.Any) -> t.Any:
@@ -248,8 +248,7 @@ def trait_is_muted(ns: Namespace, variant: str, cell: ClassCell) -> None:
 
 
 def trait_receivers_for(ns: Namespace, variant: str, cell: ClassCell) -> None:
-    def receivers_for(self: Signal, sender: t.Any) -> Iterator[Callable[..., t.Any]]:
-        EVENTS.append(("receivers_for", sender))
+    def chosen(self: Signal, sender: t.Any) -> Iterator[Callable[..., t.Any]]:
         extras = self.__dict__["extras"]
         if variant == "own":  # never looks at self.receivers
             yield from extras
@@ -264,6 +263,14 @@ def trait_receivers_for(ns: Namespace, variant: str, cell: ClassCell) -> None:
             yield from list(inherited)[1:]
         else:  # pragma: no cover
             raise AssertionError(variant)
+
+    def receivers_for(self: Signal, sender: t.Any) -> Iterator[Callable[..., t.Any]]:
+        EVENTS.append(("receivers_for", sender))
+        for receiver in chosen(self, sender):
+            # Logged as yielded: blinker consumes the generator lazily, one
+            # receiver at a time, and so must the traced send.
+            EVENTS.append(("yields", receiver.__name__))
+            yield receiver
 
     ns["receivers_for"] = receivers_for
 
@@ -599,7 +606,7 @@ def test_a_muted_subclass_is_not_counted_and_calls_nothing() -> None:
         assert signal.send("sender") == [(sync_a, "a"), (sync_extra, "extra")]
     finally:
         uninstrument_all()
-    assert [e[0] for e in EVENTS] == ["receivers_for", "sync_a", "sync_extra"]
+    assert [e[0] for e in EVENTS] == ["receivers_for", "yields", "sync_a", "yields", "sync_extra"]
     assert sends_by_label(registry) == {SIGNAL_NAME: 1.0}
 
 
