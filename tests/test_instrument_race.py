@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import pytest
 from blinker import NamedSignal, Signal
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 import sigtrace
@@ -163,13 +164,10 @@ def test_sends_racing_the_last_uninstrument_never_fail(kind: str) -> None:
     else:
         signal.connect(async_receiver, weak=False)
         sender = async_sender(signal)
-    registries = iter(CollectorRegistry, None)
-
+    registry = CollectorRegistry()
     with Senders(sender) as senders:
         cycles = toggle(
-            senders,
-            lambda: sigtrace.instrument(registry=next(registries)),
-            sigtrace.uninstrument,
+            senders, lambda: sigtrace.instrument(registry=registry), sigtrace.uninstrument
         )
     assert not senders.failures, report(senders, cycles)
     assert senders.sends > 0 and cycles > 0
@@ -201,3 +199,51 @@ def test_sends_racing_nested_instrument_calls_never_fail(kind: str) -> None:
     )
     sent = senders.sends * (1 if kind == "sync" else BURST)
     assert total == sent, f"{sent} sends while instrumented, {total} counted"
+
+
+# --------------------------------------------------------------------------
+# The same, deterministically: a receiver itself (un)instruments mid-send.
+
+
+@pytest.mark.parametrize("spans", [False, True], ids=["metrics", "metrics and spans"])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_send_during_which_the_last_uninstrument_runs_finishes_correctly(
+    kind: str, spans: bool
+) -> None:
+    provider = TracerProvider()
+    options: dict[str, t.Any] = {"tracer_provider": provider, "root_spans": True} if spans else {}
+    signal = NamedSignal("race.mid_send")
+    calls: list[str] = []
+
+    def closing(sender: object, **kwargs: object) -> str:
+        calls.append("closing")
+        sigtrace.uninstrument()  # e.g. SigTrace.close() run from a receiver
+        return "closing"
+
+    def other(sender: object, **kwargs: object) -> str:
+        calls.append("other")
+        return "other"
+
+    async def closing_async(sender: object, **kwargs: object) -> str:
+        return closing(sender)
+
+    async def other_async(sender: object, **kwargs: object) -> str:
+        return other(sender)
+
+    receivers = (closing, other) if kind == "sync" else (closing_async, other_async)
+    for receiver in receivers:
+        signal.connect(receiver, weak=False)
+    try:
+        for send in range(2):  # the first send binds the signal; the second uses the binding
+            sigtrace.instrument(registry=CollectorRegistry(), **options)
+            if kind == "sync":
+                results = signal.send("sender")
+            else:
+                results = asyncio.run(signal.send_async("sender"))
+            assert sorted(results, key=lambda pair: pair[1]) == list(
+                zip(receivers, ["closing", "other"], strict=True)
+            ), f"send {send}: {results}"
+            assert not sigtrace.is_instrumented()
+    finally:
+        provider.shutdown()
+    assert sorted(calls) == ["closing", "closing", "other", "other"]
