@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import typing as t
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 
 import pytest
 from blinker import NamedSignal, Signal
@@ -161,7 +161,12 @@ def _armed(signal: Signal) -> bool:
 
 
 Namespace = dict[str, t.Any]
-ClassCell = list[type]  # holds the class once built, for super() in overrides
+ClassCell = list[type[Signal]]  # holds the class once built, for super() in overrides
+
+
+def inherited(cell: ClassCell, signal: Signal) -> Signal:
+    """``super()`` for an override written outside the class body."""
+    return t.cast(Signal, super(cell[0], signal))
 
 
 def trait_hashing(ns: Namespace, variant: str, cell: ClassCell) -> None:
@@ -253,14 +258,14 @@ def trait_receivers_for(ns: Namespace, variant: str, cell: ClassCell) -> None:
         if variant == "own":  # never looks at self.receivers
             yield from extras
             return
-        inherited = super(cell[0], self).receivers_for(sender)
+        blinkers = inherited(cell, self).receivers_for(sender)
         if variant == "extra":
-            yield from inherited
+            yield from blinkers
             yield from extras
         elif variant == "reversed":
-            yield from reversed(list(inherited))
+            yield from reversed(list(blinkers))
         elif variant == "filtered":
-            yield from list(inherited)[1:]
+            yield from list(blinkers)[1:]
         else:  # pragma: no cover
             raise AssertionError(variant)
 
@@ -297,7 +302,7 @@ def trait_send(ns: Namespace, variant: str, cell: ClassCell) -> None:
         **kwargs: t.Any,
     ) -> t.Any:
         EVENTS.append(("own send", sender))
-        return super(cell[0], self).send(
+        return inherited(cell, self).send(
             sender, _async_wrapper=_async_wrapper, via="subclass", **kwargs
         )
 
@@ -310,7 +315,7 @@ def trait_send(ns: Namespace, variant: str, cell: ClassCell) -> None:
         **kwargs: t.Any,
     ) -> t.Any:
         EVENTS.append(("own send_async", sender))
-        return await super(cell[0], self).send_async(
+        return await inherited(cell, self).send_async(
             sender, _sync_wrapper=_sync_wrapper, via="subclass", **kwargs
         )
 
@@ -574,7 +579,7 @@ def test_the_receivers_for_override_of_the_report() -> None:
         return "extra"
 
     class Custom(Signal):
-        def receivers_for(self, sender: t.Any) -> Iterator[Callable[..., t.Any]]:
+        def receivers_for(self, sender: t.Any) -> Generator[Callable[..., t.Any], None, None]:
             yield from super().receivers_for(sender)
             yield extra
 
