@@ -294,8 +294,7 @@ def _env_timeout() -> float | None:
     if 0 < seconds < float("inf"):
         return None
     log.warning(
-        "sigtrace: %s=%r is invalid: expected a positive number of seconds; using the "
-        "default, %g",
+        "sigtrace: %s=%r is invalid: expected a positive number of seconds; using the default, %g",
         name,
         value,
         _DEFAULT_OTLP_TIMEOUT,

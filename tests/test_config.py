@@ -98,7 +98,8 @@ def test_http_otlp_endpoints_are_accepted(registry: CollectorRegistry, endpoint:
 
 
 @pytest.mark.parametrize(
-    "path", ["/met rics", "metrics", "/metrics?x=1", "/metrics#top", "/<name>", "/a\nb", "/é", "/m%20x"]
+    "path",
+    ["/met rics", "metrics", "/metrics?x=1", "/metrics#top", "/<name>", "/a\nb", "/é", "/m%20x"],
 )
 def test_a_metrics_path_that_is_no_url_path_is_refused(
     registry: CollectorRegistry, path: str
