@@ -7,9 +7,14 @@ files are up to date. The JSON is committed so that Grafana's file provisioning
 
 Every query filters on the ``$job`` and ``$instance`` variables (regex matchers,
 so "All" is ``.*``) and uses ``$__rate_interval``, which Grafana keeps at least
-four scrape intervals wide. Latency panels ask for exemplars: Prometheus stores
-the ``trace_id`` that sigtrace attaches to histogram observations, and the
-datasource's ``exemplarTraceIdDestinations`` turns each one into a Tempo link.
+four scrape intervals wide. Every query drops the series without traffic in
+that interval (rates ``> 0``; quantiles, ratios and heatmaps only where the
+count's rate is above zero), so a quiet signal or endpoint is not drawn and no
+panel shows NaN (``histogram_quantile`` of empty buckets, 0/0).
+
+Latency panels ask for exemplars: Prometheus stores the ``trace_id`` that
+sigtrace attaches to histogram observations, and the datasource's
+``exemplarTraceIdDestinations`` turns each one into a Tempo link.
 """
 
 from __future__ import annotations
@@ -56,9 +61,26 @@ def rate(selector: str, by: str = "") -> str:
     return f"sum{grouping} (rate({selector}[{RATE}]))"
 
 
+def active(selector: str, by: str = "") -> str:
+    """:func:`rate`, keeping only the groups with traffic (rate above zero)."""
+    return f"{rate(selector, by)} > 0"
+
+
+def with_traffic(expr: str, counter: str, by: str = "") -> str:
+    """``expr``, only for the ``by`` groups whose ``counter`` rate is above zero
+    (a quantile of empty buckets, or a ratio over no calls, is NaN)."""
+    return f"{expr} and on ({by}) ({active(counter, by)})"
+
+
 def quantile(q: float, metric: str, matchers: str, by: str) -> str:
-    """The ``q`` quantile of a histogram per ``by`` group."""
-    return f"histogram_quantile({q}, {rate(f'{metric}_bucket{{{matchers}}}', f'le, {by}')})"
+    """The ``q`` quantile of a histogram per ``by`` group, groups with traffic only."""
+    buckets = rate(f"{metric}_bucket{{{matchers}}}", f"le, {by}" if by else "le")
+    return with_traffic(f"histogram_quantile({q}, {buckets})", f"{metric}_count{{{matchers}}}", by)
+
+
+def ratio(numerator: str, denominator: str, by: str = "") -> str:
+    """``rate(numerator) / rate(denominator)``, where the denominator has traffic."""
+    return f"{rate(numerator, by)} / ({active(denominator, by)})"
 
 
 def query(ref_id: str, expr: str, legend: str, *, exemplar: bool = False) -> prometheus.Dataquery:
@@ -122,9 +144,10 @@ def single_stat(title: str, description: str, unit: str, expr: str) -> stat.Pane
 
 
 def latency_heatmap(title: str, description: str, metric: str, matchers: str) -> heatmap.Panel:
-    target = query(
-        "A", rate(f"{metric}_bucket{{{matchers}}}", "le"), "{{le}}", exemplar=True
-    ).format(PromQueryFormat.HEATMAP)
+    buckets = with_traffic(
+        rate(f"{metric}_bucket{{{matchers}}}", "le"), f"{metric}_count{{{matchers}}}"
+    )
+    target = query("A", buckets, "{{le}}", exemplar=True).format(PromQueryFormat.HEATMAP)
     return (
         heatmap.Panel()
         .title(title)
@@ -202,7 +225,6 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
     """Requests as Flask's signals see them: rate, errors, latency, exceptions."""
     count = f"{HTTP}_count"
     server_errors = f'{count}{{{TARGET}, status=~"5.."}}'
-    errors = rate(server_errors, "endpoint")
     return (
         base(
             "sigtrace-requests",
@@ -212,14 +234,14 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
         )
         .with_row(dashboard_builder.Row("Overview"))
         .with_panel(
-            single_stat("Requests/s", "All endpoints.", "reqps", rate(f"{count}{{{TARGET}}}"))
+            single_stat("Requests/s", "All endpoints.", "reqps", active(f"{count}{{{TARGET}}}"))
         )
         .with_panel(
             single_stat(
                 "5xx ratio",
                 "Share of requests answered with a 5xx status.",
                 "percentunit",
-                f"{rate(server_errors)} / {rate(f'{count}{{{TARGET}}}')}",
+                ratio(server_errors, f"{count}{{{TARGET}}}"),
             )
         )
         .with_panel(
@@ -227,7 +249,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "Unhandled exceptions/s",
                 "got_request_exception: exceptions a view let escape.",
                 "ops",
-                rate(f"{HTTP_EXCEPTIONS}{{{TARGET}}}"),
+                active(f"{HTTP_EXCEPTIONS}{{{TARGET}}}"),
             )
         )
         .with_panel(
@@ -235,7 +257,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "p99 latency",
                 "Over all endpoints.",
                 "s",
-                f"histogram_quantile(0.99, {rate(f'{HTTP}_bucket{{{TARGET}}}', 'le')})",
+                quantile(0.99, HTTP, TARGET, ""),
             )
         )
         .with_row(dashboard_builder.Row("Traffic and errors"))
@@ -244,7 +266,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "Request rate by endpoint",
                 "Requests per second, by Flask endpoint.",
                 "reqps",
-                [query("A", rate(f"{count}{{{TARGET}}}", "endpoint"), "{{endpoint}}")],
+                [query("A", active(f"{count}{{{TARGET}}}", "endpoint"), "{{endpoint}}")],
             )
         )
         .with_panel(
@@ -256,7 +278,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        f"{errors} / {rate(f'{count}{{{TARGET}}}', 'endpoint')}",
+                        ratio(server_errors, f"{count}{{{TARGET}}}", "endpoint"),
                         "{{endpoint}}",
                     )
                 ],
@@ -270,7 +292,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        rate(f"{HTTP_EXCEPTIONS}{{{TARGET}}}", "endpoint, exception"),
+                        active(f"{HTTP_EXCEPTIONS}{{{TARGET}}}", "endpoint, exception"),
                         "{{endpoint}} {{exception}}",
                     )
                 ],
@@ -323,7 +345,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 "Signal send rate by signal",
                 "Signal.send / send_async calls per second.",
                 "ops",
-                [query("A", rate(f"{SENDS}{{{SIGNAL}}}", "signal"), "{{signal}}")],
+                [query("A", active(f"{SENDS}{{{SIGNAL}}}", "signal"), "{{signal}}")],
             )
         )
         .with_panel(
@@ -376,7 +398,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        rate(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", "signal, receiver, exception"),
+                        active(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", "signal, receiver, exception"),
                         "{{receiver}} {{exception}}",
                     )
                 ],
@@ -390,8 +412,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        f"{rate(f'{RECEIVER_ERRORS}{{{RECEIVER}}}', 'signal, receiver')}"
-                        f" / {rate(calls, 'signal, receiver')}",
+                        ratio(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", calls, "signal, receiver"),
                         "{{receiver}} ({{signal}})",
                     )
                 ],
@@ -402,7 +423,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 "Receiver call rate",
                 "Receiver calls per second.",
                 "ops",
-                [query("A", rate(calls, "signal, receiver"), "{{receiver}} ({{signal}})")],
+                [query("A", active(calls, "signal, receiver"), "{{receiver}} ({{signal}})")],
                 width=24,
             )
         )

@@ -166,7 +166,7 @@ def test_request_panels() -> None:
     rate = panel("Request rate by endpoint")
     assert exprs(rate) == [
         'sum by (endpoint) (rate(sigtrace_http_request_duration_seconds_count{job=~"$job", '
-        'instance=~"$instance"}[$__rate_interval]))'
+        'instance=~"$instance"}[$__rate_interval])) > 0'
     ]
     assert rate["fieldConfig"]["defaults"]["unit"] == "reqps"
     errors = panel("Error ratio (5xx) by endpoint")
@@ -175,7 +175,7 @@ def test_request_panels() -> None:
     exceptions = panel("Unhandled exceptions (got_request_exception)")
     assert exprs(exceptions) == [
         'sum by (endpoint, exception) (rate(sigtrace_http_request_exceptions_total{job=~"$job", '
-        'instance=~"$instance"}[$__rate_interval]))'
+        'instance=~"$instance"}[$__rate_interval])) > 0'
     ]
 
 
@@ -211,7 +211,7 @@ def test_receiver_latency_heatmap_reads_prometheus_buckets() -> None:
 def test_signal_and_receiver_error_panels() -> None:
     assert exprs(panel("Signal send rate by signal")) == [
         'sum by (signal) (rate(sigtrace_signal_sends_total{job=~"$job", instance=~"$instance", '
-        'signal=~"$signal"}[$__rate_interval]))'
+        'signal=~"$signal"}[$__rate_interval])) > 0'
     ]
     (errors,) = exprs(panel("Receiver error rate"))
     assert errors.startswith(
@@ -219,6 +219,20 @@ def test_signal_and_receiver_error_panels() -> None:
     )
     (ratio,) = exprs(panel("Receiver error ratio"))
     assert ratio.count("sum by (signal, receiver)") == 2 and "_count{" in ratio
+
+
+def test_every_query_drops_series_without_traffic() -> None:
+    """No query draws a quiet series: a rate must be above zero, and a quantile,
+    ratio or heatmap is kept only where its count's rate is (else it is NaN)."""
+    for name, p, target in all_targets():
+        expr = target["expr"]
+        where = f"{name} / {p['title']}: {expr}"
+        if "histogram_quantile" in expr or "_bucket{" in expr:
+            assert re.search(r" and on \([\w, ]*\) \(sum.*_count\{.*\) > 0\)\)?$", expr), where
+        elif " / " in expr:
+            assert re.search(r" / \(sum.*\) > 0\)$", expr), where
+        else:
+            assert expr.endswith(" > 0"), where
 
 
 @pytest.mark.real
