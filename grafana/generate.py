@@ -343,7 +343,10 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
         .with_panel(
             graph(
                 "Signal send rate by signal",
-                "Signal.send / send_async calls per second.",
+                "Signal.send / send_async calls per second. Flask's request signals "
+                "(request-started, ...) count every request Flask handles, scrapes of the "
+                "metrics route and excluded paths included; request rates come from the "
+                "HTTP requests dashboard, which leaves those out.",
                 "ops",
                 [query("A", active(f"{SENDS}{{{SIGNAL}}}", "signal"), "{{signal}}")],
             )
