@@ -5,6 +5,13 @@ under ``grafana/dashboards/``; ``--check`` only reports whether the committed
 files are up to date. The JSON is committed so that Grafana's file provisioning
 (``grafana/provisioning/dashboards``) can load it without Python.
 
+It also fills in the alert rules' ``runbook_url`` annotations (in
+``grafana/rules/sigtrace-alerts.yml`` and the expectations of its promtool
+tests) from one setting: ``--runbook-url``, else the ``RUNBOOK_URL``
+environment variable, else :data:`DEFAULT_RUNBOOK_URL`. It is the absolute
+http(s) URL where your alert receivers can open ``grafana/rules/RUNBOOK.md``;
+each alert links to its section (``<url>#<alert name in lower case>``).
+
 Every query filters on the ``$job`` and ``$instance`` variables (regex matchers,
 so "All" is ``.*``) and uses ``$__rate_interval``, which Grafana keeps at least
 four scrape intervals wide. Every query drops the series without traffic in
@@ -21,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import typing as t
+import urllib.parse
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import common as common_builder
@@ -34,9 +44,33 @@ from grafana_foundation_sdk.models import dashboard as dashboard_model
 from grafana_foundation_sdk.models import heatmap as heatmap_model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-__all__ = ["DASHBOARDS_DIR", "dashboards", "main", "render"]
+__all__ = [
+    "DASHBOARDS_DIR",
+    "DEFAULT_RUNBOOK_URL",
+    "RULES_DIR",
+    "dashboards",
+    "main",
+    "render",
+    "rules_with_runbook",
+    "runbook_url",
+]
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
+RULES_DIR = Path(__file__).resolve().parent / "rules"
+
+RUNBOOK_URL_VARIABLE = "RUNBOOK_URL"
+DEFAULT_RUNBOOK_URL = "https://runbooks.example.com/sigtrace/RUNBOOK.md"
+"""Where the committed rules point: a placeholder to replace with the address of
+your copy of ``grafana/rules/RUNBOOK.md`` (a wiki page, your repository's file)."""
+
+RUNBOOK_FILES = (
+    "sigtrace-alerts.yml",
+    "tests/sigtrace-http.test.yml",
+    "tests/sigtrace-receivers.test.yml",
+)
+"""The files under :data:`RULES_DIR` whose ``runbook_url`` lines are filled in."""
+
+_RUNBOOK_LINE = re.compile(r"^(?P<key>[ \t]*runbook_url: ).*#(?P<anchor>[a-z0-9-]+)[ \t]*$", re.M)
 
 DATASOURCE = dashboard_model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -459,22 +493,66 @@ def render(board: dict[str, t.Any]) -> str:
     return json.dumps(board, indent=2, sort_keys=True) + "\n"
 
 
+def runbook_url(value: str) -> str:
+    """``value`` if it is an absolute http(s) URL with a host and no fragment."""
+    url = urllib.parse.urlsplit(value.strip())
+    if url.scheme not in ("http", "https") or not url.netloc or url.fragment or " " in value:
+        raise ValueError(
+            f"{RUNBOOK_URL_VARIABLE}={value!r} is invalid: expected an absolute http:// or "
+            "https:// URL of RUNBOOK.md, without a '#' (each alert adds its own)"
+        )
+    return value.strip()
+
+
+def rules_with_runbook(rules_dir: Path, url: str) -> dict[str, str]:
+    """Each of :data:`RUNBOOK_FILES` with its ``runbook_url`` lines set to
+    ``<url>#<anchor>`` (the anchor each line already has)."""
+    return {
+        name: _RUNBOOK_LINE.sub(
+            lambda m: f"{m.group('key')}{url}#{m.group('anchor')}",
+            (rules_dir / name).read_text(encoding="utf-8"),
+        )
+        for name in RUNBOOK_FILES
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grafana.generate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m grafana.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=DASHBOARDS_DIR, help="output directory")
+    parser.add_argument(
+        "--rules-dir", type=Path, default=RULES_DIR, help="rules directory to fill in"
+    )
+    parser.add_argument(
+        "--runbook-url",
+        default=os.environ.get(RUNBOOK_URL_VARIABLE) or DEFAULT_RUNBOOK_URL,
+        help=f"absolute URL of RUNBOOK.md (default: ${RUNBOOK_URL_VARIABLE}, else "
+        f"{DEFAULT_RUNBOOK_URL})",
+    )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if a file differs from the generator's output"
     )
     args = parser.parse_args(argv)
+    try:
+        url = runbook_url(args.runbook_url)
+    except ValueError as error:
+        parser.error(str(error))
+    outputs = {args.out / name: render(board) for name, board in dashboards().items()}
+    outputs |= {
+        args.rules_dir / name: text
+        for name, text in rules_with_runbook(args.rules_dir, url).items()
+    }
     stale = []
-    for name, board in dashboards().items():
-        path = args.out / name
-        text = render(board)
+    for path, text in outputs.items():
+        name = path.name
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
             continue
-        args.out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}")
     if stale:

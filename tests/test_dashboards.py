@@ -9,7 +9,9 @@ parsed by ``promtool``; ``test_live_prometheus.py`` runs them for data.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import typing as t
@@ -77,24 +79,33 @@ def test_committed_json_is_the_generator_s_output() -> None:
         assert on_disk[name] == text, f"{name} is stale: run python -m grafana.generate"
 
 
+def generator_dirs(tmp_path: Path) -> list[str]:
+    """``--out`` and ``--rules-dir`` in ``tmp_path`` (a copy of the rules): the
+    generator writes nothing into the checkout."""
+    shutil.copytree(ROOT / "grafana" / "rules", tmp_path / "rules")
+    return ["--out", str(tmp_path / "dashboards"), "--rules-dir", str(tmp_path / "rules")]
+
+
 def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
-    assert generate.main(["--out", str(tmp_path)]) == 0
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 0
-    stale = tmp_path / "sigtrace-signals.json"
+    dirs = generator_dirs(tmp_path)
+    assert generate.main(dirs) == 0
+    assert generate.main([*dirs, "--check"]) == 0
+    stale = tmp_path / "dashboards" / "sigtrace-signals.json"
     stale.write_text(stale.read_text().replace("Receiver", "Receivr"))
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 1
+    assert generate.main([*dirs, "--check"]) == 1
 
 
 def test_the_generator_runs_as_a_module(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "grafana.generate", "--out", str(tmp_path)],
+        [sys.executable, "-m", "grafana.generate", *generator_dirs(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={k: v for k, v in os.environ.items() if k != generate.RUNBOOK_URL_VARIABLE},
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(committed())
+    assert sorted(p.name for p in (tmp_path / "dashboards").iterdir()) == sorted(committed())
 
 
 # --------------------------------------------------------------------------
