@@ -24,6 +24,7 @@ __all__ = [
     "UNKNOWN_RECEIVER",
     "ReceiverInfo",
     "clean_label",
+    "later_signal_name",
     "receiver_info",
     "signal_name",
 ]
@@ -183,6 +184,40 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
         return clean_label(found) if found else ANONYMOUS_SIGNAL
     except Exception:
         return ANONYMOUS_SIGNAL
+
+
+# Anonymous signals bound as ANONYMOUS_SIGNAL -> the sender types already looked
+# through for them, so later_signal_name costs a set lookup per send once tried.
+_tried_senders: weakref.WeakKeyDictionary[Signal, weakref.WeakSet[type]] = (
+    weakref.WeakKeyDictionary()
+)
+_tried_lock = threading.Lock()
+
+
+def later_signal_name(signal: Signal, sender: t.Any) -> str | None:
+    """For a signal whose first send left it :data:`ANONYMOUS_SIGNAL`: its name
+    found through a later send's sender class, else None; never raises.
+
+    Meant to be called on the sends of a signal bound as anonymous: each sender
+    type is looked through once per signal (then it is one set lookup). The
+    caller starts recording under the new name; the ``anonymous`` series keeps
+    its value and stops growing, which Prometheus does not read as a reset.
+    """
+    if sender is None:
+        return None
+    try:
+        kind = sender if isinstance(sender, type) else type(sender)
+        with _tried_lock:
+            tried = _tried_senders.get(signal)
+            if tried is None:
+                tried = _tried_senders[signal] = weakref.WeakSet()
+            elif kind in tried:
+                return None
+            tried.add(kind)
+        found = _class_attribute(signal, kind)
+        return clean_label(found) if found else None
+    except Exception:
+        return None
 
 
 def _class_attribute(signal: Signal, owner: type) -> str | None:

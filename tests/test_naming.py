@@ -93,3 +93,32 @@ def test_a_class_that_cannot_be_read_does_not_stop_the_search() -> None:
     signal = naming_jobs.Job.finished
     namespace = {"Unreadable": Unreadable, "Job": naming_jobs.Job}
     assert naming._visible_class_attribute(signal, namespace) == JOB_FINISHED
+
+
+class Later:
+    """Holds a signal only after its first send (assigned at run time)."""
+
+
+def test_a_signal_left_anonymous_is_found_through_a_later_sender() -> None:
+    from blinker import Signal
+
+    def make_and_send() -> Signal:
+        signal = Signal()
+        assert naming.signal_name(signal, None) == naming.ANONYMOUS_SIGNAL
+        return signal
+
+    signal = make_and_send()
+    assert naming.later_signal_name(signal, None) is None
+    assert naming.later_signal_name(signal, Later()) is None  # not there yet
+    Later.ready = signal  # type: ignore[attr-defined]
+    try:
+        # Later was already looked through for this signal: one lookup per sender type.
+        assert naming.later_signal_name(signal, Later()) is None
+
+        class LaterStill(Later):
+            pass
+
+        assert naming.later_signal_name(signal, LaterStill()) == "tests.test_naming.Later.ready"
+        assert naming.later_signal_name(signal, LaterStill) is None  # tried already
+    finally:
+        del Later.ready  # type: ignore[attr-defined]
