@@ -9,11 +9,13 @@ reach a real OTLP receiver.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from sigtrace import ConfigError, SigTrace
+from sigtrace import ConfigError, SigTrace, tracing
 from tests.otlp_receiver import PROTOCOLS, running_receiver
 from tests.test_export import app_env, request_trace, running_app
 
@@ -165,3 +167,16 @@ def test_an_unknown_otlp_protocol_is_named_and_the_default_grpc_is_used() -> Non
     assert status == 200 and "GET /signup/<name>" in spans
     assert "sigtrace: OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is invalid" in stderr, stderr
     assert "using the default, 'grpc'" in stderr
+
+
+def test_a_bad_otel_sdk_disabled_is_named_and_the_sdk_stays_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "yes please")
+    with caplog.at_level(logging.WARNING, logger="sigtrace"):
+        assert tracing.sdk_disabled() is False
+    assert "OTEL_SDK_DISABLED='yes please' is invalid: expected one of 'true', 'false'" in (
+        caplog.text
+    )
+    monkeypatch.setenv("OTEL_SDK_DISABLED", " TRUE ")
+    assert tracing.sdk_disabled() is True
