@@ -173,7 +173,7 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_METRICS_PATH": _Key(_path, "/metrics", "route serving metrics; '' disables it"),
     "SIGTRACE_METRICS_PORT": _Key(_port, None, "port of a separate exposition server"),
     "SIGTRACE_METRICS_ADDR": _Key(_text, "127.0.0.1", "address that server binds"),
-    "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route requires"),
+    "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route and server require"),
     "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, none"),
     "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
     "SIGTRACE_INCLUDE_SIGNALS": _Key(_names, (), "only these signal name patterns"),
