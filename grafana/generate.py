@@ -5,19 +5,34 @@ under ``grafana/dashboards/``; ``--check`` only reports whether the committed
 files are up to date. The JSON is committed so that Grafana's file provisioning
 (``grafana/provisioning/dashboards``) can load it without Python.
 
+It also fills in the alert rules' ``runbook_url`` annotations (in
+``grafana/rules/sigtrace-alerts.yml`` and the expectations of its promtool
+tests) from one setting: ``--runbook-url``, else the ``RUNBOOK_URL``
+environment variable, else :data:`DEFAULT_RUNBOOK_URL`. It is the absolute
+http(s) URL where your alert receivers can open ``grafana/rules/RUNBOOK.md``;
+each alert links to its section (``<url>#<alert name in lower case>``).
+
 Every query filters on the ``$job`` and ``$instance`` variables (regex matchers,
 so "All" is ``.*``) and uses ``$__rate_interval``, which Grafana keeps at least
-four scrape intervals wide. Latency panels ask for exemplars: Prometheus stores
-the ``trace_id`` that sigtrace attaches to histogram observations, and the
-datasource's ``exemplarTraceIdDestinations`` turns each one into a Tempo link.
+four scrape intervals wide. Every query drops the series without traffic in
+that interval (rates ``> 0``; quantiles, ratios and heatmaps only where the
+count's rate is above zero), so a quiet signal or endpoint is not drawn and no
+panel shows NaN (``histogram_quantile`` of empty buckets, 0/0).
+
+Latency panels ask for exemplars: Prometheus stores the ``trace_id`` that
+sigtrace attaches to histogram observations, and the datasource's
+``exemplarTraceIdDestinations`` turns each one into a Tempo link.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import typing as t
+import urllib.parse
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import common as common_builder
@@ -29,9 +44,33 @@ from grafana_foundation_sdk.models import dashboard as dashboard_model
 from grafana_foundation_sdk.models import heatmap as heatmap_model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-__all__ = ["DASHBOARDS_DIR", "dashboards", "main", "render"]
+__all__ = [
+    "DASHBOARDS_DIR",
+    "DEFAULT_RUNBOOK_URL",
+    "RULES_DIR",
+    "dashboards",
+    "main",
+    "render",
+    "rules_with_runbook",
+    "runbook_url",
+]
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
+RULES_DIR = Path(__file__).resolve().parent / "rules"
+
+RUNBOOK_URL_VARIABLE = "RUNBOOK_URL"
+DEFAULT_RUNBOOK_URL = "https://runbooks.example.com/sigtrace/RUNBOOK.md"
+"""Where the committed rules point: a placeholder to replace with the address of
+your copy of ``grafana/rules/RUNBOOK.md`` (a wiki page, your repository's file)."""
+
+RUNBOOK_FILES = (
+    "sigtrace-alerts.yml",
+    "tests/sigtrace-http.test.yml",
+    "tests/sigtrace-receivers.test.yml",
+)
+"""The files under :data:`RULES_DIR` whose ``runbook_url`` lines are filled in."""
+
+_RUNBOOK_LINE = re.compile(r"^(?P<key>[ \t]*runbook_url: ).*#(?P<anchor>[a-z0-9-]+)[ \t]*$", re.M)
 
 DATASOURCE = dashboard_model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -56,9 +95,26 @@ def rate(selector: str, by: str = "") -> str:
     return f"sum{grouping} (rate({selector}[{RATE}]))"
 
 
+def active(selector: str, by: str = "") -> str:
+    """:func:`rate`, keeping only the groups with traffic (rate above zero)."""
+    return f"{rate(selector, by)} > 0"
+
+
+def with_traffic(expr: str, counter: str, by: str = "") -> str:
+    """``expr``, only for the ``by`` groups whose ``counter`` rate is above zero
+    (a quantile of empty buckets, or a ratio over no calls, is NaN)."""
+    return f"{expr} and on ({by}) ({active(counter, by)})"
+
+
 def quantile(q: float, metric: str, matchers: str, by: str) -> str:
-    """The ``q`` quantile of a histogram per ``by`` group."""
-    return f"histogram_quantile({q}, {rate(f'{metric}_bucket{{{matchers}}}', f'le, {by}')})"
+    """The ``q`` quantile of a histogram per ``by`` group, groups with traffic only."""
+    buckets = rate(f"{metric}_bucket{{{matchers}}}", f"le, {by}" if by else "le")
+    return with_traffic(f"histogram_quantile({q}, {buckets})", f"{metric}_count{{{matchers}}}", by)
+
+
+def ratio(numerator: str, denominator: str, by: str = "") -> str:
+    """``rate(numerator) / rate(denominator)``, where the denominator has traffic."""
+    return f"{rate(numerator, by)} / ({active(denominator, by)})"
 
 
 def query(ref_id: str, expr: str, legend: str, *, exemplar: bool = False) -> prometheus.Dataquery:
@@ -122,9 +178,10 @@ def single_stat(title: str, description: str, unit: str, expr: str) -> stat.Pane
 
 
 def latency_heatmap(title: str, description: str, metric: str, matchers: str) -> heatmap.Panel:
-    target = query(
-        "A", rate(f"{metric}_bucket{{{matchers}}}", "le"), "{{le}}", exemplar=True
-    ).format(PromQueryFormat.HEATMAP)
+    buckets = with_traffic(
+        rate(f"{metric}_bucket{{{matchers}}}", "le"), f"{metric}_count{{{matchers}}}"
+    )
+    target = query("A", buckets, "{{le}}", exemplar=True).format(PromQueryFormat.HEATMAP)
     return (
         heatmap.Panel()
         .title(title)
@@ -202,7 +259,6 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
     """Requests as Flask's signals see them: rate, errors, latency, exceptions."""
     count = f"{HTTP}_count"
     server_errors = f'{count}{{{TARGET}, status=~"5.."}}'
-    errors = rate(server_errors, "endpoint")
     return (
         base(
             "sigtrace-requests",
@@ -212,14 +268,14 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
         )
         .with_row(dashboard_builder.Row("Overview"))
         .with_panel(
-            single_stat("Requests/s", "All endpoints.", "reqps", rate(f"{count}{{{TARGET}}}"))
+            single_stat("Requests/s", "All endpoints.", "reqps", active(f"{count}{{{TARGET}}}"))
         )
         .with_panel(
             single_stat(
                 "5xx ratio",
                 "Share of requests answered with a 5xx status.",
                 "percentunit",
-                f"{rate(server_errors)} / {rate(f'{count}{{{TARGET}}}')}",
+                ratio(server_errors, f"{count}{{{TARGET}}}"),
             )
         )
         .with_panel(
@@ -227,7 +283,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "Unhandled exceptions/s",
                 "got_request_exception: exceptions a view let escape.",
                 "ops",
-                rate(f"{HTTP_EXCEPTIONS}{{{TARGET}}}"),
+                active(f"{HTTP_EXCEPTIONS}{{{TARGET}}}"),
             )
         )
         .with_panel(
@@ -235,7 +291,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "p99 latency",
                 "Over all endpoints.",
                 "s",
-                f"histogram_quantile(0.99, {rate(f'{HTTP}_bucket{{{TARGET}}}', 'le')})",
+                quantile(0.99, HTTP, TARGET, ""),
             )
         )
         .with_row(dashboard_builder.Row("Traffic and errors"))
@@ -244,7 +300,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 "Request rate by endpoint",
                 "Requests per second, by Flask endpoint.",
                 "reqps",
-                [query("A", rate(f"{count}{{{TARGET}}}", "endpoint"), "{{endpoint}}")],
+                [query("A", active(f"{count}{{{TARGET}}}", "endpoint"), "{{endpoint}}")],
             )
         )
         .with_panel(
@@ -256,7 +312,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        f"{errors} / {rate(f'{count}{{{TARGET}}}', 'endpoint')}",
+                        ratio(server_errors, f"{count}{{{TARGET}}}", "endpoint"),
                         "{{endpoint}}",
                     )
                 ],
@@ -270,7 +326,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        rate(f"{HTTP_EXCEPTIONS}{{{TARGET}}}", "endpoint, exception"),
+                        active(f"{HTTP_EXCEPTIONS}{{{TARGET}}}", "endpoint, exception"),
                         "{{endpoint}} {{exception}}",
                     )
                 ],
@@ -321,9 +377,12 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
         .with_panel(
             graph(
                 "Signal send rate by signal",
-                "Signal.send / send_async calls per second.",
+                "Signal.send / send_async calls per second. Flask's request signals "
+                "(request-started, ...) count every request Flask handles, scrapes of the "
+                "metrics route and excluded paths included; request rates come from the "
+                "HTTP requests dashboard, which leaves those out.",
                 "ops",
-                [query("A", rate(f"{SENDS}{{{SIGNAL}}}", "signal"), "{{signal}}")],
+                [query("A", active(f"{SENDS}{{{SIGNAL}}}", "signal"), "{{signal}}")],
             )
         )
         .with_panel(
@@ -376,7 +435,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        rate(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", "signal, receiver, exception"),
+                        active(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", "signal, receiver, exception"),
                         "{{receiver}} {{exception}}",
                     )
                 ],
@@ -390,8 +449,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 [
                     query(
                         "A",
-                        f"{rate(f'{RECEIVER_ERRORS}{{{RECEIVER}}}', 'signal, receiver')}"
-                        f" / {rate(calls, 'signal, receiver')}",
+                        ratio(f"{RECEIVER_ERRORS}{{{RECEIVER}}}", calls, "signal, receiver"),
                         "{{receiver}} ({{signal}})",
                     )
                 ],
@@ -402,7 +460,7 @@ def signals_dashboard() -> dashboard_builder.Dashboard:
                 "Receiver call rate",
                 "Receiver calls per second.",
                 "ops",
-                [query("A", rate(calls, "signal, receiver"), "{{receiver}} ({{signal}})")],
+                [query("A", active(calls, "signal, receiver"), "{{receiver}} ({{signal}})")],
                 width=24,
             )
         )
@@ -435,22 +493,66 @@ def render(board: dict[str, t.Any]) -> str:
     return json.dumps(board, indent=2, sort_keys=True) + "\n"
 
 
+def runbook_url(value: str) -> str:
+    """``value`` if it is an absolute http(s) URL with a host and no fragment."""
+    url = urllib.parse.urlsplit(value.strip())
+    if url.scheme not in ("http", "https") or not url.netloc or url.fragment or " " in value:
+        raise ValueError(
+            f"{RUNBOOK_URL_VARIABLE}={value!r} is invalid: expected an absolute http:// or "
+            "https:// URL of RUNBOOK.md, without a '#' (each alert adds its own)"
+        )
+    return value.strip()
+
+
+def rules_with_runbook(rules_dir: Path, url: str) -> dict[str, str]:
+    """Each of :data:`RUNBOOK_FILES` with its ``runbook_url`` lines set to
+    ``<url>#<anchor>`` (the anchor each line already has)."""
+    return {
+        name: _RUNBOOK_LINE.sub(
+            lambda m: f"{m.group('key')}{url}#{m.group('anchor')}",
+            (rules_dir / name).read_text(encoding="utf-8"),
+        )
+        for name in RUNBOOK_FILES
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grafana.generate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m grafana.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=DASHBOARDS_DIR, help="output directory")
+    parser.add_argument(
+        "--rules-dir", type=Path, default=RULES_DIR, help="rules directory to fill in"
+    )
+    parser.add_argument(
+        "--runbook-url",
+        default=os.environ.get(RUNBOOK_URL_VARIABLE) or DEFAULT_RUNBOOK_URL,
+        help=f"absolute URL of RUNBOOK.md (default: ${RUNBOOK_URL_VARIABLE}, else "
+        f"{DEFAULT_RUNBOOK_URL})",
+    )
     parser.add_argument(
         "--check", action="store_true", help="exit 1 if a file differs from the generator's output"
     )
     args = parser.parse_args(argv)
+    try:
+        url = runbook_url(args.runbook_url)
+    except ValueError as error:
+        parser.error(str(error))
+    outputs = {args.out / name: render(board) for name, board in dashboards().items()}
+    outputs |= {
+        args.rules_dir / name: text
+        for name, text in rules_with_runbook(args.rules_dir, url).items()
+    }
     stale = []
-    for name, board in dashboards().items():
-        path = args.out / name
-        text = render(board)
+    for path, text in outputs.items():
+        name = path.name
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
             continue
-        args.out.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}")
     if stale:

@@ -13,7 +13,9 @@ import difflib
 import itertools
 import math
 import os
+import re
 import typing as t
+import urllib.parse
 from collections.abc import Callable, Mapping
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
@@ -38,9 +40,18 @@ def _bool(value: object) -> bool:
     raise TypeError("a boolean (true/false, 1/0, yes/no, on/off)")
 
 
+# RFC 3986 path characters (pchar and "/") that need no escaping: no whitespace,
+# no "<>" (a Flask rule would read them as a URL variable), no "?#", and no "%"
+# (Flask matches rules against the decoded path, so an escape would never match).
+_URL_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@]*)+")
+
+
 def _path(value: object) -> str:
-    if not isinstance(value, str) or (value and not value.startswith("/")):
-        raise TypeError("a URL path starting with '/', or '' to disable the route")
+    if not isinstance(value, str) or (value and not _URL_PATH.fullmatch(value)):
+        raise TypeError(
+            "a URL path starting with '/' made of unescaped RFC 3986 path characters "
+            "(no spaces, '%', '<', '>', '?' or '#'), or '' to disable the route"
+        )
     return value
 
 
@@ -64,10 +75,37 @@ def _text(value: object) -> str:
     return value.strip()
 
 
-def _optional_text(value: object) -> str | None:
+def _token(value: object) -> str | None:
+    # Unset (None, or no key at all) is no token; an empty or blank string is what an
+    # unset secret variable of a deploy gives, and would silently open the route.
+    # Surrounding whitespace (a secret file's newline) is stripped, as before.
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("a non-empty token (or leave the key unset for no token)")
+    token = value.strip()
+    if any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise TypeError("a token of printable characters without whitespace")
+    return token
+
+
+def _endpoint(value: object) -> str | None:
+    expected = (
+        "an absolute http:// or https:// URL with a host, e.g. http://localhost:4317 "
+        "(or leave it unset)"
+    )
     if value is None or value == "":
         return None
-    return _text(value)
+    if not isinstance(value, str):
+        raise TypeError(expected)
+    try:
+        url = urllib.parse.urlsplit(value.strip())
+        url.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise TypeError(expected) from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise TypeError(expected)
+    return value.strip()
 
 
 def _names(value: object) -> tuple[str, ...]:
@@ -135,7 +173,7 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_METRICS_PATH": _Key(_path, "/metrics", "route serving metrics; '' disables it"),
     "SIGTRACE_METRICS_PORT": _Key(_port, None, "port of a separate exposition server"),
     "SIGTRACE_METRICS_ADDR": _Key(_text, "127.0.0.1", "address that server binds"),
-    "SIGTRACE_METRICS_TOKEN": _Key(_optional_text, None, "bearer token the route requires"),
+    "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route and server require"),
     "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, none"),
     "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
     "SIGTRACE_INCLUDE_SIGNALS": _Key(_names, (), "only these signal name patterns"),
@@ -146,7 +184,7 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_MAX_LABEL_VALUES": _Key(
         _positive_int, DEFAULT_MAX_LABEL_VALUES, "distinct values per label"
     ),
-    "SIGTRACE_OTLP_ENDPOINT": _Key(_optional_text, None, "OTLP endpoint (else OTEL_*)"),
+    "SIGTRACE_OTLP_ENDPOINT": _Key(_endpoint, None, "OTLP endpoint (else OTEL_*)"),
     "SIGTRACE_CONSOLE_SPANS": _Key(_bool, False, "print spans when no endpoint is set"),
 }
 

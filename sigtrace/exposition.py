@@ -2,9 +2,11 @@
 
 All of it is prometheus-client's: ``choose_encoder`` picks Prometheus text or
 OpenMetrics (which carries exemplars) from the Accept header,
-``MultiProcessCollector`` merges the workers' files, ``start_http_server``
-runs the separate exposition server (``SIGTRACE_METRICS_PORT``), which
-negotiates the format the same way.
+``MultiProcessCollector`` merges the workers' files, and its WSGI app
+(``make_wsgi_app``) served by its threading WSGI server is the separate
+exposition server (``SIGTRACE_METRICS_PORT``), which negotiates the format the
+same way. That server is guarded like the app route: the bearer token
+(``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403).
 
 Servers are kept per ``(addr, bound port)`` and reference-counted: asking
 twice for a fixed port reuses the running server, port 0 always binds a new
@@ -15,17 +17,31 @@ in the parent (see :mod:`sigtrace.gunicorn`), and never shuts it down.
 
 from __future__ import annotations
 
+import hmac
 import os
+import socket
 import threading
 import typing as t
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from .metrics import multiprocess_mode
 
-__all__ = ["exposition_registry", "render", "start_server", "stop_server"]
+__all__ = [
+    "ServerConflict",
+    "bearer_token_matches",
+    "exposition_registry",
+    "render",
+    "start_server",
+    "stop_server",
+]
+
+Check = Callable[[t.Any], bool]
+"""``metrics_auth``: gets the request (a ``flask.Request``), True lets it through."""
 
 _STOP_TIMEOUT = 5.0  # seconds to wait for the serving thread after shutdown
 
@@ -47,12 +63,80 @@ def render(registry: CollectorRegistry | None, accept: str) -> tuple[bytes, str]
     return encoder(exposition_registry(registry)), content_type
 
 
-class _Server:
-    """A running exposition server, the process that runs it, and its users."""
+def bearer_token_matches(authorization: str, token: str) -> bool:
+    """``Authorization: Bearer <token>``, the scheme name in any case (RFC 7235)."""
+    scheme, _, given = authorization.strip().partition(" ")
+    # compare_digest: the time taken does not tell how much of the token matched
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
-    def __init__(self, server: t.Any, thread: threading.Thread) -> None:
+
+class ServerConflict(ValueError):
+    """A running server on that port is guarded differently than asked."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """wsgiref's handler without its line per request on stderr."""
+
+    def log_message(self, format: str, *args: t.Any) -> None:
+        return None
+
+
+def _guarded_app(
+    registry: CollectorRegistry, token: str | None, check: Check | None
+) -> Callable[[dict[str, t.Any], t.Any], Iterable[bytes]]:
+    """prometheus-client's WSGI app behind the token and ``metrics_auth``."""
+    serve = prometheus_client.make_wsgi_app(registry)
+
+    def app(environ: dict[str, t.Any], start_response: t.Any) -> Iterable[bytes]:
+        if token is not None and not bearer_token_matches(
+            environ.get("HTTP_AUTHORIZATION", ""), token
+        ):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")],
+            )
+            return [b"unauthorized\n"]
+        if check is not None:
+            import flask
+
+            if not check(flask.Request(environ)):
+                start_response("403 Forbidden", [("Content-Type", "text/plain")])
+                return [b"forbidden\n"]
+        return t.cast(Iterable[bytes], serve(environ, start_response))
+
+    return app
+
+
+def _serve(
+    port: int, addr: str, registry: CollectorRegistry, token: str | None, check: Check | None
+) -> tuple[t.Any, threading.Thread]:
+    """What ``prometheus_client.start_http_server`` does, with a guarded app
+    (it takes no app of ours): its threading WSGI server, IPv6 when ``addr`` is."""
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(
+        addr, port, _guarded_app(registry, token, check), Server, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="sigtrace-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
+class _Server:
+    """A running exposition server, how it is guarded, its process and its users."""
+
+    def __init__(
+        self, server: t.Any, thread: threading.Thread, token: str | None, check: Check | None
+    ) -> None:
         self.server = server
         self.thread = thread
+        self.token = token
+        self.check = check
         self.pid = os.getpid()
         self.users = 1
 
@@ -61,24 +145,49 @@ _servers: dict[tuple[str, int], _Server] = {}
 _servers_lock = threading.Lock()
 
 
-def start_server(port: int, addr: str, registry: CollectorRegistry | None) -> int:
+def start_server(
+    port: int,
+    addr: str,
+    registry: CollectorRegistry | None,
+    *,
+    token: str | None = None,
+    check: Check | None = None,
+) -> int:
     """Start the exposition server on ``addr:port`` (0: any free port); return
-    the bound port.
+    the bound port. With ``token`` it answers 401 without ``Authorization:
+    Bearer <token>``; with ``check`` 403 when ``check(request)`` is false.
 
     A fixed port already served (by this process or the parent it was forked
-    from) is reused and counted, not bound again. Raises :class:`OSError` when
-    the address cannot be bound.
+    from) is reused and counted, not bound again; it must be guarded by the
+    same token, and cannot take a ``check`` it was not started with (a server
+    started by the gunicorn master has none): :class:`ServerConflict` says so.
+    Raises :class:`OSError` when the address cannot be bound.
     """
     with _servers_lock:
         running = _servers.get((addr, port)) if port != 0 else None
         if running is not None:
+            if running.token != token:
+                raise ServerConflict(
+                    f"the metrics server already running on {addr}:{port} was started "
+                    "with a different SIGTRACE_METRICS_TOKEN (under gunicorn the master "
+                    "reads it from the environment: set it there, not in app.config)"
+                )
+            if check is not None and running.check is not check:
+                raise ServerConflict(
+                    f"the metrics server already running on {addr}:{port} (started "
+                    + (
+                        "by the parent process, e.g. the gunicorn master"
+                        if running.pid != os.getpid()
+                        else "by another app"
+                    )
+                    + ") cannot apply this app's metrics_auth; guard it with "
+                    "SIGTRACE_METRICS_TOKEN instead"
+                )
             running.users += 1
             return port
-        server, thread = prometheus_client.start_http_server(
-            port, addr=addr, registry=exposition_registry(registry)
-        )
+        server, thread = _serve(port, addr, exposition_registry(registry), token, check)
         bound = int(server.server_port)
-        _servers[(addr, bound)] = _Server(server, thread)
+        _servers[(addr, bound)] = _Server(server, thread, token, check)
         return bound
 
 

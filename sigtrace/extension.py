@@ -17,7 +17,6 @@ the user's receivers and costs no receiver bookkeeping:
 from __future__ import annotations
 
 import fnmatch
-import hmac
 import re
 import threading
 import typing as t
@@ -282,12 +281,22 @@ class SigTrace:
                 settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]
             )
         if settings.metrics and settings.metrics_port is not None:
-            from .exposition import start_server
+            from .exposition import ServerConflict, start_server
 
             try:
                 state.metrics_port = start_server(
-                    settings.metrics_port, settings.metrics_addr, self.registry
+                    settings.metrics_port,
+                    settings.metrics_addr,
+                    self.registry,
+                    token=settings.metrics_token,
+                    check=self.metrics_auth,
                 )
+            except ServerConflict as error:
+                app.extensions.pop("sigtrace", None)
+                dispatch.uninstrument()
+                raise ConfigError(
+                    f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
+                ) from None
             except OSError as error:
                 app.extensions.pop("sigtrace", None)
                 dispatch.uninstrument()
@@ -306,8 +315,9 @@ class SigTrace:
         request = flask.request
         token = state.settings.metrics_token
         if token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            from .exposition import bearer_token_matches
+
+            if not bearer_token_matches(request.headers.get("Authorization", ""), token):
                 return flask.Response("unauthorized\n", 401, {"WWW-Authenticate": "Bearer"})
         if self.metrics_auth is not None and not self.metrics_auth(request._get_current_object()):  # type: ignore[attr-defined]
             return flask.Response("forbidden\n", 403)

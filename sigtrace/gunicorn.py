@@ -83,7 +83,9 @@ def when_ready(server: t.Any) -> None:
         return
     from .exposition import start_server
 
-    port = start_server(settings.metrics_port, settings.metrics_addr, None)
+    port = start_server(
+        settings.metrics_port, settings.metrics_addr, None, token=settings.metrics_token
+    )
     server.log.info(
         "sigtrace: serving all workers' metrics on http://%s:%d/metrics",
         settings.metrics_addr,

@@ -24,6 +24,7 @@ __all__ = [
     "UNKNOWN_RECEIVER",
     "ReceiverInfo",
     "clean_label",
+    "later_signal_name",
     "receiver_info",
     "signal_name",
 ]
@@ -169,8 +170,11 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
     """Label for ``signal``: blinker's name, or the attribute an anonymous one sits in.
 
     For an anonymous signal the owner is looked for, once, where it is cheap to
-    look: the sender's class hierarchy (``Processor.on_ready.send(self)``), then
-    the calling module's globals. The first hit gives
+    look, whatever the sender: the sender's class hierarchy
+    (``Processor.on_ready.send(self)``), the calling module's globals, then the
+    classes the calling module can see: those among its globals and those of
+    the modules among its globals, with their bases (``Job.finished.send(None)``
+    from another module that imported ``Job`` or ``jobs``). The first hit gives
     ``module.Class.attr`` or ``module.attr``; otherwise :data:`ANONYMOUS_SIGNAL`.
     """
     try:
@@ -182,13 +186,89 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
         return ANONYMOUS_SIGNAL
 
 
+# Anonymous signals bound as ANONYMOUS_SIGNAL -> the sender types already looked
+# through for them, so later_signal_name costs a set lookup per send once tried.
+_tried_senders: weakref.WeakKeyDictionary[Signal, weakref.WeakSet[type]] = (
+    weakref.WeakKeyDictionary()
+)
+_tried_lock = threading.Lock()
+
+
+def later_signal_name(signal: Signal, sender: t.Any) -> str | None:
+    """For a signal whose first send left it :data:`ANONYMOUS_SIGNAL`: its name
+    found through a later send's sender class, else None; never raises.
+
+    Meant to be called on the sends of a signal bound as anonymous: each sender
+    type is looked through once per signal (then it is one set lookup). The
+    caller starts recording under the new name; the ``anonymous`` series keeps
+    its value and stops growing, which Prometheus does not read as a reset.
+    """
+    if sender is None:
+        return None
+    try:
+        kind = sender if isinstance(sender, type) else type(sender)
+        with _tried_lock:
+            tried = _tried_senders.get(signal)
+            if tried is None:
+                tried = _tried_senders[signal] = weakref.WeakSet()
+            elif kind in tried:
+                return None
+            tried.add(kind)
+        found = _class_attribute(signal, kind)
+        return clean_label(found) if found else None
+    except Exception:
+        return None
+
+
+def _class_attribute(signal: Signal, owner: type) -> str | None:
+    """``module.Class.attr`` of the class in ``owner``'s MRO that holds ``signal``."""
+    for klass in owner.__mro__:
+        for attr, value in vars(klass).items():
+            if value is signal:
+                return f"{klass.__module__}.{klass.__qualname__}.{attr}"
+    return None
+
+
+def _any_class_attribute(signal: Signal, owner: type) -> str | None:
+    """:func:`_class_attribute` for a class found by looking around: one whose
+    metaclass breaks ``__mro__`` or ``vars()`` is skipped, not fatal to the search."""
+    try:
+        return _class_attribute(signal, owner)
+    except Exception:
+        return None
+
+
+def _visible_class_attribute(signal: Signal, namespace: dict[str, t.Any]) -> str | None:
+    """A class attribute holding ``signal`` in a class of ``namespace`` (a module's
+    globals) or of a module among them: one level, no recursion into packages.
+    Reads ``vars()`` only: no attribute access that could run user code."""
+    modules: list[dict[str, t.Any]] = []
+    seen: set[int] = set()
+    for value in list(namespace.values()):
+        if isinstance(value, type):
+            if id(value) not in seen:
+                seen.add(id(value))
+                found = _any_class_attribute(signal, value)
+                if found:
+                    return found
+        elif isinstance(value, types.ModuleType):
+            modules.append(vars(value))
+    for module_globals in modules:
+        for value in list(module_globals.values()):
+            if isinstance(value, type) and id(value) not in seen:
+                seen.add(id(value))
+                found = _any_class_attribute(signal, value)
+                if found:
+                    return found
+    return None
+
+
 def _owner_attribute(signal: Signal, sender: t.Any) -> str | None:
     if sender is not None:
         owner = sender if isinstance(sender, type) else type(sender)
-        for klass in owner.__mro__:
-            for attr, value in vars(klass).items():
-                if value is signal:
-                    return f"{klass.__module__}.{klass.__qualname__}.{attr}"
+        found = _class_attribute(signal, owner)
+        if found:
+            return found
     # Never touch frame.f_locals: on a running frame it snapshots the locals
     # into the frame and would keep the caller's objects alive.
     frame = sys._getframe(1)
@@ -196,8 +276,10 @@ def _owner_attribute(signal: Signal, sender: t.Any) -> str | None:
         ("sigtrace.", "blinker")
     ):
         frame = frame.f_back  # type: ignore[assignment]
-    if frame is not None:
-        for attr, value in frame.f_globals.items():
-            if value is signal:
-                return f"{frame.f_globals.get('__name__', '')}.{attr}"
-    return None
+    if frame is None:
+        return None
+    namespace = frame.f_globals
+    for attr, value in list(namespace.items()):
+        if value is signal:
+            return f"{namespace.get('__name__', '')}.{attr}"
+    return _visible_class_attribute(signal, namespace)

@@ -179,7 +179,7 @@ def user_configured_provider() -> bool:
 
 def sdk_disabled() -> bool:
     """``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``: the user wants no SDK."""
-    disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    disabled = _env_setting(("OTEL_SDK_DISABLED",), ("true", "false"), "false") == "true"
     exporters = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     return disabled or exporters == "none"
 
@@ -249,45 +249,96 @@ def setup_sdk(
         return provider
 
 
+_DEFAULT_OTLP_TIMEOUT = 10.0  # seconds, the Python OTLP exporters' default
+
+
+def _env_value(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of ``names`` set to a non-blank value, and that value (stripped)."""
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _env_setting(names: tuple[str, ...], allowed: tuple[str, ...], default: str) -> str:
+    """An ``OTEL_*`` choice, lower-cased; a value not in ``allowed`` is warned about
+    (naming the variable and the value) and ``default`` used, as the SDK does."""
+    found = _env_value(names)
+    if found is None:
+        return default
+    name, value = found
+    if value.lower() in allowed:
+        return value.lower()
+    log.warning(
+        "sigtrace: %s=%r is invalid: expected one of %s; using the default, %r",
+        name,
+        value,
+        ", ".join(repr(a) for a in allowed),
+        default,
+    )
+    return default
+
+
+def _env_timeout() -> float | None:
+    """The OTLP timeout to pass to the exporter: None lets it read a valid
+    ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` itself; a bad one is warned about and
+    replaced by the default (the gRPC exporter would raise on it)."""
+    found = _env_value(("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"))
+    if found is None:
+        return None
+    name, value = found
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if 0 < seconds < float("inf"):
+        return None
+    log.warning(
+        "sigtrace: %s=%r is invalid: expected a positive number of seconds; using the default, %g",
+        name,
+        value,
+        _DEFAULT_OTLP_TIMEOUT,
+    )
+    return _DEFAULT_OTLP_TIMEOUT
+
+
 def _otlp_exporter(endpoint: str | None) -> t.Any:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "grpc"
-    ).strip()
+    protocol = _env_setting(
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ("grpc", "http/protobuf"),
+        "grpc",
+    )
+    compression_names = ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
+    options: dict[str, t.Any] = {}
+    timeout = _env_timeout()
+    if timeout is not None:
+        options["timeout"] = timeout
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        options: dict[str, t.Any] = {}
         if endpoint:
             options["endpoint"] = endpoint
-        if _env_compression() == "none":
-            # "none" is a valid value the gRPC exporter rejects (it knows only gzip)
+        compression = _env_setting(compression_names, ("gzip", "none"), "none")
+        if compression == "none":
+            # "none" is a valid value the gRPC exporter rejects (it knows only gzip);
+            # passing it also keeps the exporter from reading (and raising on) a bad one
             from grpc import Compression  # type: ignore[import-untyped]
 
             options["compression"] = Compression.NoCompression
         return OTLPSpanExporter(**options)
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
+    from opentelemetry.exporter.otlp.proto.http import Compression as HTTPCompression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
 
-        if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+    compression = _env_setting(compression_names, ("gzip", "deflate", "none"), "none")
+    options["compression"] = HTTPCompression(compression)
+    if endpoint:
+        if not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
-        return HTTPSpanExporter(endpoint=endpoint) if endpoint else HTTPSpanExporter()
-    log.warning(
-        "sigtrace: OTEL_EXPORTER_OTLP_PROTOCOL=%r is not supported (use 'grpc' or "
-        "'http/protobuf'); spans are not exported",
-        protocol,
-    )
-    return None
-
-
-def _env_compression() -> str:
-    value = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_COMPRESSION", ""
-    )
-    return value.strip().lower()
+        options["endpoint"] = endpoint
+    return HTTPSpanExporter(**options)
 
 
 def _console_exporter() -> t.Any:

@@ -8,15 +8,19 @@ copy of the rules without those guards must fail the same tests.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import typing as t
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 
+from grafana import generate
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.real
@@ -175,8 +179,8 @@ def test_every_alert_waits_has_a_severity_and_says_what_to_do() -> None:
         assert set(notes) == {"summary", "description", "runbook_url"}, rule["alert"]
         assert "{{ $labels.job }}" in notes["summary"]
         assert "{{ $value" in notes["description"]
-        path, anchor = notes["runbook_url"].split("#")
-        assert (ROOT / path).resolve() == RUNBOOK.resolve()
+        url, anchor = notes["runbook_url"].split("#")
+        assert url == generate.DEFAULT_RUNBOOK_URL, rule["alert"]
         assert anchor == rule["alert"].lower() and anchor in headings, rule["alert"]
     assert alert("SigtraceUnhandledExceptionRatioHigh")["labels"]["severity"] == "critical"
 
@@ -203,3 +207,79 @@ def test_the_unit_tests_load_every_rule_file() -> None:
         assert sorted((path.parent / name).resolve() for name in listed) == [
             p.resolve() for p in RULE_FILES
         ]
+
+
+# --------------------------------------------------------------------------
+# runbook_url: absolute, from one setting
+
+
+def runbook_urls(directory: Path) -> list[str]:
+    """Every runbook_url of the alert rules and of the promtool expectations."""
+    found = []
+    for path in [*sorted(directory.glob("*.yml")), *sorted((directory / "tests").glob("*.yml"))]:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for group in document.get("groups", []):
+            found += [r["annotations"]["runbook_url"] for r in group["rules"] if "alert" in r]
+        for test in document.get("tests", []):
+            for case in test.get("alert_rule_test", []):
+                found += [a["exp_annotations"]["runbook_url"] for a in case["exp_alerts"]]
+    return found
+
+
+def assert_absolute_http_urls(urls: list[str]) -> None:
+    assert len(urls) >= 2 * len(ALERTS), urls
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme in ("http", "https") and parts.netloc, f"not absolute: {url}"
+        assert parts.fragment, f"no section anchor: {url}"
+
+
+def test_every_runbook_url_is_an_absolute_http_url() -> None:
+    assert_absolute_http_urls(runbook_urls(RULES_DIR))
+
+
+def test_the_committed_rules_are_filled_from_the_default_runbook_url() -> None:
+    for name, text in generate.rules_with_runbook(RULES_DIR, generate.DEFAULT_RUNBOOK_URL).items():
+        assert (RULES_DIR / name).read_text(encoding="utf-8") == text, (
+            f"{name} is stale: run python -m grafana.generate"
+        )
+
+
+def test_one_setting_points_every_runbook_url_elsewhere_and_the_rules_still_pass(
+    tmp_path: Path,
+) -> None:
+    """RUNBOOK_URL set for the generator: every alert and every promtool
+    expectation links into that page, and ``promtool test rules`` passes."""
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules_dir)
+    url = "https://wiki.example.org/ops/sigtrace-runbook"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "grafana.generate"),
+            *("--out", str(tmp_path / "dashboards"), "--rules-dir", str(rules_dir)),
+        ],
+        cwd=ROOT,
+        env={**os.environ, generate.RUNBOOK_URL_VARIABLE: url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    urls = runbook_urls(rules_dir)
+    assert_absolute_http_urls(urls)
+    assert all(u.startswith(url + "#sigtrace") for u in urls), urls
+    tests = sorted(str(p.relative_to(rules_dir)) for p in (rules_dir / "tests").glob("*.yml"))
+    checked = promtool("test", "rules", *tests, cwd=rules_dir)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("url", ["grafana/rules/RUNBOOK.md", "ftp://host/x", "https://h/x#a"])
+def test_a_runbook_url_that_is_not_absolute_http_is_refused(url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "grafana.generate", "--check", "--runbook-url", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "RUNBOOK_URL=" in result.stderr, result.stderr

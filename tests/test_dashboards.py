@@ -9,7 +9,9 @@ parsed by ``promtool``; ``test_live_prometheus.py`` runs them for data.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import typing as t
@@ -77,24 +79,33 @@ def test_committed_json_is_the_generator_s_output() -> None:
         assert on_disk[name] == text, f"{name} is stale: run python -m grafana.generate"
 
 
+def generator_dirs(tmp_path: Path) -> list[str]:
+    """``--out`` and ``--rules-dir`` in ``tmp_path`` (a copy of the rules): the
+    generator writes nothing into the checkout."""
+    shutil.copytree(ROOT / "grafana" / "rules", tmp_path / "rules")
+    return ["--out", str(tmp_path / "dashboards"), "--rules-dir", str(tmp_path / "rules")]
+
+
 def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
-    assert generate.main(["--out", str(tmp_path)]) == 0
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 0
-    stale = tmp_path / "sigtrace-signals.json"
+    dirs = generator_dirs(tmp_path)
+    assert generate.main(dirs) == 0
+    assert generate.main([*dirs, "--check"]) == 0
+    stale = tmp_path / "dashboards" / "sigtrace-signals.json"
     stale.write_text(stale.read_text().replace("Receiver", "Receivr"))
-    assert generate.main(["--out", str(tmp_path), "--check"]) == 1
+    assert generate.main([*dirs, "--check"]) == 1
 
 
 def test_the_generator_runs_as_a_module(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "grafana.generate", "--out", str(tmp_path)],
+        [sys.executable, "-m", "grafana.generate", *generator_dirs(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={k: v for k, v in os.environ.items() if k != generate.RUNBOOK_URL_VARIABLE},
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(committed())
+    assert sorted(p.name for p in (tmp_path / "dashboards").iterdir()) == sorted(committed())
 
 
 # --------------------------------------------------------------------------
@@ -166,7 +177,7 @@ def test_request_panels() -> None:
     rate = panel("Request rate by endpoint")
     assert exprs(rate) == [
         'sum by (endpoint) (rate(sigtrace_http_request_duration_seconds_count{job=~"$job", '
-        'instance=~"$instance"}[$__rate_interval]))'
+        'instance=~"$instance"}[$__rate_interval])) > 0'
     ]
     assert rate["fieldConfig"]["defaults"]["unit"] == "reqps"
     errors = panel("Error ratio (5xx) by endpoint")
@@ -175,7 +186,7 @@ def test_request_panels() -> None:
     exceptions = panel("Unhandled exceptions (got_request_exception)")
     assert exprs(exceptions) == [
         'sum by (endpoint, exception) (rate(sigtrace_http_request_exceptions_total{job=~"$job", '
-        'instance=~"$instance"}[$__rate_interval]))'
+        'instance=~"$instance"}[$__rate_interval])) > 0'
     ]
 
 
@@ -211,7 +222,7 @@ def test_receiver_latency_heatmap_reads_prometheus_buckets() -> None:
 def test_signal_and_receiver_error_panels() -> None:
     assert exprs(panel("Signal send rate by signal")) == [
         'sum by (signal) (rate(sigtrace_signal_sends_total{job=~"$job", instance=~"$instance", '
-        'signal=~"$signal"}[$__rate_interval]))'
+        'signal=~"$signal"}[$__rate_interval])) > 0'
     ]
     (errors,) = exprs(panel("Receiver error rate"))
     assert errors.startswith(
@@ -219,6 +230,20 @@ def test_signal_and_receiver_error_panels() -> None:
     )
     (ratio,) = exprs(panel("Receiver error ratio"))
     assert ratio.count("sum by (signal, receiver)") == 2 and "_count{" in ratio
+
+
+def test_every_query_drops_series_without_traffic() -> None:
+    """No query draws a quiet series: a rate must be above zero, and a quantile,
+    ratio or heatmap is kept only where its count's rate is (else it is NaN)."""
+    for name, p, target in all_targets():
+        expr = target["expr"]
+        where = f"{name} / {p['title']}: {expr}"
+        if "histogram_quantile" in expr or "_bucket{" in expr:
+            assert re.search(r" and on \([\w, ]*\) \(sum.*_count\{.*\) > 0\)\)?$", expr), where
+        elif " / " in expr:
+            assert re.search(r" / \(sum.*\) > 0\)$", expr), where
+        else:
+            assert expr.endswith(" > 0"), where
 
 
 @pytest.mark.real

@@ -156,6 +156,13 @@ class Prometheus:
         assert data["resultType"] == "vector", f"{expr}: {data}"
         return t.cast(list[dict[str, t.Any]], data["result"])
 
+    def query_range(self, expr: str, start: float, end: float) -> list[dict[str, t.Any]]:
+        data = self.get(
+            "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1"
+        )
+        assert data["resultType"] == "matrix", f"{expr}: {data}"
+        return t.cast(list[dict[str, t.Any]], data["result"])
+
     def first_data(self, exprs: list[str]) -> dict[str, list[dict[str, t.Any]]]:
         """Each query's first result with a number in it, polled until the deadline.
 
@@ -300,6 +307,21 @@ def test_every_dashboard_query_returns_data(prometheus: Prometheus, demo: Demo) 
     assert not empty, "queries without data:\n" + "\n".join(empty)
     nan = [expr for expr, result in results.items() if result and not has_number(result)]
     assert not nan, "queries with only NaN:\n" + "\n".join(nan)
+    # Every series, at every step since the scrapes began, as a panel draws them:
+    # a series without traffic must be dropped, not drawn as NaN.
+    end = time.time()
+    start = end - (time.monotonic() - prometheus.started)
+    nan_series = []
+    for expr, (board, panel) in exprs.items():
+        instant = [s["metric"] for s in results[expr] if s["value"][1] == "NaN"]
+        ranged = [
+            s["metric"]
+            for s in prometheus.query_range(expr, start, end)
+            if any(value == "NaN" for _, value in s["values"])
+        ]
+        if instant or ranged:
+            nan_series.append(f"{board} / {panel}: {expr}\n  NaN series: {instant or ranged}")
+    assert not nan_series, "queries with NaN series:\n" + "\n".join(nan_series)
 
 
 def test_every_dashboard_variable_has_values(prometheus: Prometheus, demo: Demo) -> None:

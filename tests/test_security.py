@@ -1,5 +1,6 @@
-"""Nothing the app handles leaks into metrics or spans unless allow-listed, and
-the exposition server listens on loopback only by default.
+"""Nothing the app handles leaks into metrics or spans unless allow-listed, the
+exposition server listens on loopback only by default, and the metrics token and
+``metrics_auth`` guard the separate server as they guard the route.
 
 A secret is put everywhere an app carries user data: a signal kwarg, the
 sender's ``repr``/``str``, request headers, cookies, the query string and the
@@ -10,11 +11,15 @@ checked on each span's JSON and on the OTLP bytes the exporter would send.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import typing as t
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from blinker import NamedSignal, Signal
@@ -26,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from sigtrace import SigTrace, exposition
+from sigtrace import ConfigError, SigTrace, exposition
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -250,3 +255,165 @@ def test_start_server_on_port_zero_binds_loopback_and_stops(registry: CollectorR
         exposition.stop_server(port, "127.0.0.1")
     with pytest.raises(urllib.error.URLError):
         fetch(port)
+
+
+# --------------------------------------------------------------------------
+# Who may read the metrics: the token and metrics_auth, on the route and the server
+
+
+def get(url: str, authorization: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if authorization is not None:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read().decode("utf-8")
+            assert "sigtrace_signal_sends_total" in body
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_name_is_case_insensitive(
+    registry: CollectorRegistry, secret: str, scheme: str
+) -> None:
+    app = Flask("token-scheme")
+    app.config["SIGTRACE_METRICS_TOKEN"] = secret
+    ext = SigTrace(app, registry=registry)
+    try:
+        client = app.test_client()
+        assert (
+            client.get("/metrics", headers={"Authorization": f"{scheme} {secret}"}).status_code
+            == 200
+        )
+        assert (
+            client.get("/metrics", headers={"Authorization": f"{scheme} x{secret}"}).status_code
+            == 401
+        )
+        assert (
+            client.get("/metrics", headers={"Authorization": f"Basic {secret}"}).status_code == 401
+        )
+        assert client.get("/metrics", headers={"Authorization": secret}).status_code == 401
+    finally:
+        ext.close()
+
+
+def test_the_separate_server_requires_the_token(registry: CollectorRegistry, secret: str) -> None:
+    app = Flask("token-server")
+    app.config.update(
+        SIGTRACE_METRICS_TOKEN=secret, SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_PORT=0
+    )
+    ext = SigTrace(app, registry=registry)
+    try:
+        url = f"http://127.0.0.1:{app.extensions['sigtrace'].metrics_port}/metrics"
+        assert get(url) == 401
+        assert get(url, "Bearer wrong") == 401
+        assert get(url, f"Basic {secret}") == 401
+        assert get(url, f"Bearer {secret}") == 200
+        assert get(url, f"bearer {secret}") == 200
+    finally:
+        ext.close()
+
+
+def test_the_separate_server_applies_metrics_auth(registry: CollectorRegistry, secret: str) -> None:
+    seen: list[str] = []
+
+    def only_with_header(request: t.Any) -> bool:
+        seen.append(request.path)
+        return bool(request.headers.get("X-Scraper") == "prometheus")
+
+    app = Flask("auth-server")
+    app.config.update(SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_PORT=0)
+    ext = SigTrace(app, registry=registry, metrics_auth=only_with_header)
+    try:
+        port = app.extensions["sigtrace"].metrics_port
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert get(url) == 403
+        request = urllib.request.Request(url, headers={"X-Scraper": "prometheus"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+        assert seen == ["/metrics", "/metrics"]
+    finally:
+        ext.close()
+
+
+def test_a_running_server_guarded_differently_is_refused_with_the_reason(
+    registry: CollectorRegistry, secret: str
+) -> None:
+    """A second app asking for the same fixed port with another token (or with a
+    metrics_auth the running server cannot apply) gets a ConfigError, not an
+    unguarded port."""
+    first = Flask("first")
+    first.config.update(SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_PORT=0)
+    ext = SigTrace(first, registry=registry)
+    try:
+        port = first.extensions["sigtrace"].metrics_port
+        second = Flask("second")
+        second.config.update(
+            SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_PORT=port, SIGTRACE_METRICS_TOKEN=secret
+        )
+        with pytest.raises(ConfigError) as raised:
+            SigTrace(second, registry=registry)
+        assert "SIGTRACE_METRICS_TOKEN" in str(raised.value) and secret not in str(raised.value)
+        third = Flask("third")
+        third.config.update(SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_PORT=port)
+        with pytest.raises(ConfigError) as raised:
+            SigTrace(third, registry=registry, metrics_auth=lambda request: True)
+        assert "metrics_auth" in str(raised.value)
+        assert get(f"http://127.0.0.1:{port}/metrics") == 200  # the first app's server runs on
+    finally:
+        ext.close()
+
+
+def test_the_gunicorn_master_s_server_requires_the_token(tmp_path: Path, secret: str) -> None:
+    """The issue's set-up: gunicorn, multiprocess metrics, the metrics only on the
+    separate port that ``sigtrace.gunicorn.when_ready`` serves from the master,
+    and a token: without it that port answers 401, with it the workers' metrics."""
+    from tests.test_gunicorn import CONF, REPO, Gunicorn, free_port
+
+    prometheus_dir = tmp_path / "prometheus"
+    prometheus_dir.mkdir()
+    (tmp_path / "gunicorn.conf.py").write_text(CONF)
+    metrics_port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SIGTRACE_", "OTEL_", "PROMETHEUS_MULTIPROC_DIR"))
+    }
+    env.update(
+        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
+        SIGTRACE_TRACING="false",
+        SIGTRACE_METRICS_PATH="",
+        SIGTRACE_METRICS_PORT=str(metrics_port),
+        SIGTRACE_METRICS_TOKEN=secret,
+        PYTHONUNBUFFERED="1",
+    )
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "gunicorn", "-c", str(tmp_path / "gunicorn.conf.py")),
+            "tests.apps.gunicorn_app:app",
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    server = Gunicorn(proc, prometheus_dir)
+    try:
+        listening = server.wait_for_log(r"Listening at: http://127\.0\.0\.1:(\d+)")
+        server.port = int(listening[0].group(1))
+        server.wait_for_log(r"Booting worker with pid: \d+", count=2)
+        server.wait_for_log(rf"serving all workers' metrics on http://127\.0\.0\.1:{metrics_port}")
+        server.signup("ada")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert get(url) == 401
+        assert get(url, "Bearer not-the-token") == 401
+        assert get(url, f"Bearer {secret}") == 200
+        assert get(server.url("/metrics")) == 404  # SIGTRACE_METRICS_PATH="": no route
+    finally:
+        server.stop()
+    assert not any("Traceback" in line for line in server.log), "\n".join(server.log)

@@ -668,7 +668,12 @@ def test_setup_sdk_logs_an_exporter_it_cannot_build_and_the_app_goes_on(
 ) -> None:
     otel_env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     otel_env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    otel_env.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli")  # the gRPC exporter raises
+    from opentelemetry.exporter.otlp.proto.grpc import trace_exporter
+
+    def broken(**options: object) -> None:
+        raise RuntimeError("the exporter cannot start: brotli")
+
+    otel_env.setattr(trace_exporter, "OTLPSpanExporter", broken)
     with caplog.at_level(logging.ERROR, logger="sigtrace"):
         assert tracing_module.setup_sdk("shop-app") is None
     assert "spans are not exported" in caplog.text
