@@ -23,6 +23,7 @@ import inspect
 import logging
 import threading
 import typing as t
+import weakref
 from collections.abc import Callable
 from time import perf_counter
 
@@ -81,8 +82,11 @@ class Active:
         self.root_spans = self.spans is not None and options.root_spans
         self.signals: IdentityCache[SignalBinding] = IdentityCache()
         self.binding_of = self.signals.get  # the send's lookup: binding_of(id(signal))
-        # Signals that can't be weakly referenced, or whose name is provisional.
+        # Signals that can't be weakly referenced: bound again by name at each send.
         self.by_name: dict[str, SignalBinding] = {}
+        # Signals left anonymous at their first send, and the sender types that
+        # were looked through for their name since.
+        self.anonymous: IdentityCache[tuple[SignalBinding, weakref.WeakSet[type]]] = IdentityCache()
 
 
 _lock = threading.RLock()
@@ -256,19 +260,33 @@ async def _blinker_send_async(
 
 
 def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
-    """The signal's binding at its first send (or at each, if it can't be cached)."""
+    """The signal's binding at its first send (or at each, if it can't be cached).
+
+    A signal whose name was not found at its first send is recorded as
+    ``anonymous`` until a later send's sender class reveals its attribute.
+    """
+    name: str | None = None
+    provisional = active.anonymous.get(id(signal))
+    if provisional is not None:
+        binding, tried = provisional
+        name = naming.later_signal_name(signal, sender, tried)
+        if name is None:
+            return binding
     with _lock:
         found = active.signals.get(id(signal))
         if found is not None:
             return found
         hooks = _hooks.get(id(signal))
-        try:
-            name = naming.signal_name(signal, sender)
-        except Exception:
-            internal_error("signal naming")
-            name = naming.ANONYMOUS_SIGNAL
-        binding = active.by_name.get(name)
-        if binding is None or binding.hooks is not hooks:
+        if name is None:
+            try:
+                name = naming.signal_name(signal, sender)
+            except Exception:
+                internal_error("signal naming")
+                name = naming.ANONYMOUS_SIGNAL
+        reused = active.by_name.get(name)
+        if reused is not None and reused.hooks is hooks:
+            binding = reused
+        else:
             try:
                 recorded = records_signal(name, active.options.include, active.options.exclude)
                 binding = SignalBinding(name, recorded, active.metrics, hooks)
@@ -277,7 +295,10 @@ def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
                 # Unrecorded from now on, but sigtrace's request hooks keep running.
                 binding = unrecorded(name, hooks)
         try:
-            cached = active.signals.put(signal, binding)
+            if name == naming.ANONYMOUS_SIGNAL:
+                cached = active.anonymous.put(signal, (binding, weakref.WeakSet()))
+            else:
+                cached = active.signals.put(signal, binding)
         except Exception:  # a signal whose __weakref__ misbehaves
             cached = False
         if not cached:  # looked up by name at each send

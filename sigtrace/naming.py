@@ -186,34 +186,23 @@ def signal_name(signal: Signal, sender: t.Any = None) -> str:
         return ANONYMOUS_SIGNAL
 
 
-# Anonymous signals bound as ANONYMOUS_SIGNAL -> the sender types already looked
-# through for them, so later_signal_name costs a set lookup per send once tried.
-_tried_senders: weakref.WeakKeyDictionary[Signal, weakref.WeakSet[type]] = (
-    weakref.WeakKeyDictionary()
-)
-_tried_lock = threading.Lock()
-
-
-def later_signal_name(signal: Signal, sender: t.Any) -> str | None:
+def later_signal_name(signal: Signal, sender: t.Any, tried: weakref.WeakSet[type]) -> str | None:
     """For a signal whose first send left it :data:`ANONYMOUS_SIGNAL`: its name
     found through a later send's sender class, else None; never raises.
 
     Meant to be called on the sends of a signal bound as anonymous: each sender
-    type is looked through once per signal (then it is one set lookup). The
-    caller starts recording under the new name; the ``anonymous`` series keeps
-    its value and stops growing, which Prometheus does not read as a reset.
+    type is looked through once per signal (``tried`` remembers them, then it
+    is one set lookup). The caller starts recording under the new name; the
+    ``anonymous`` series keeps its value and stops growing, which Prometheus
+    does not read as a reset.
     """
     if sender is None:
         return None
     try:
         kind = sender if isinstance(sender, type) else type(sender)
-        with _tried_lock:
-            tried = _tried_senders.get(signal)
-            if tried is None:
-                tried = _tried_senders[signal] = weakref.WeakSet()
-            elif kind in tried:
-                return None
-            tried.add(kind)
+        if kind in tried:
+            return None
+        tried.add(kind)
         found = _class_attribute(signal, kind)
         return clean_label(found) if found else None
     except Exception:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import typing as t
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -108,17 +109,49 @@ def test_a_signal_left_anonymous_is_found_through_a_later_sender() -> None:
         return signal
 
     signal = make_and_send()
-    assert naming.later_signal_name(signal, None) is None
-    assert naming.later_signal_name(signal, Later()) is None  # not there yet
+    tried: weakref.WeakSet[type] = weakref.WeakSet()
+    assert naming.later_signal_name(signal, None, tried) is None
+    assert naming.later_signal_name(signal, Later(), tried) is None  # not there yet
     Later.ready = signal  # type: ignore[attr-defined]
     try:
         # Later was already looked through for this signal: one lookup per sender type.
-        assert naming.later_signal_name(signal, Later()) is None
+        assert naming.later_signal_name(signal, Later(), tried) is None
 
         class LaterStill(Later):
             pass
 
-        assert naming.later_signal_name(signal, LaterStill()) == "tests.test_naming.Later.ready"
-        assert naming.later_signal_name(signal, LaterStill) is None  # tried already
+        found = naming.later_signal_name(signal, LaterStill(), tried)
+        assert found == "tests.test_naming.Later.ready"
+        assert naming.later_signal_name(signal, LaterStill, tried) is None  # tried already
     finally:
         del Later.ready  # type: ignore[attr-defined]
+
+
+def test_an_anonymous_signal_is_renamed_when_a_later_sender_reveals_it() -> None:
+    """End to end: sent first with None from here (no module global, no class
+    holding it yet), then by an instance of the class that holds it."""
+    import sigtrace
+    from blinker import Signal
+    from prometheus_client import CollectorRegistry
+
+    class Holder:
+        pass
+
+    def make() -> Signal:
+        return Signal()
+
+    registry = CollectorRegistry()
+    signal = make()
+    signal.connect(lambda sender, **kw: None, weak=False)
+    sigtrace.instrument(registry=registry)
+    try:
+        signal.send(None)
+        Holder.done = signal  # type: ignore[attr-defined]
+        signal.send(Holder())
+        signal.send(Holder())
+    finally:
+        sigtrace.uninstrument()
+    name = f"{__name__}.{Holder.__qualname__}.done"
+    sends = "sigtrace_signal_sends_total"
+    assert registry.get_sample_value(sends, {"signal": "anonymous"}) == 1
+    assert registry.get_sample_value(sends, {"signal": name}) == 2
