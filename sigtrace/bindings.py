@@ -159,6 +159,7 @@ class SignalBinding:
         "duration",
         "hooks",
         "name",
+        "plain_receivers",
         "receivers",
         "record",
         "recorded",
@@ -191,6 +192,8 @@ class SignalBinding:
         self.bound = self.receivers.get  # the send's lookup: bound(id(receiver))
         self.span_name = f"signal {name}"
         self.attributes = {tracing.ATTR_SIGNAL_NAME: name}
+        # Set by the patch: the signal's class finds receivers as blinker's does.
+        self.plain_receivers = False
 
     def lookup(self, receiver: t.Any) -> Bound:
         """The receiver's binding after ``receivers.get(id(receiver))`` missed.

@@ -120,6 +120,8 @@ def send(
         if not binding.recorded:
             return active.blinker_send(self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
         binding.count_send()
+        if binding.plain_receivers and not self.receivers:
+            return []  # what blinker's own receivers_for starts with
         results: Results = []
         spans: SendSpans | None = None
         started = ended = 0.0
@@ -194,6 +196,8 @@ async def send_async(
                 self, sender, _sync_wrapper=_sync_wrapper, **kwargs
             )
         binding.count_send()
+        if binding.plain_receivers and not self.receivers:
+            return []  # what blinker's own receivers_for starts with
         results: Results = []
         spans: SendSpans | None = None
         started = ended = 0.0
@@ -283,6 +287,7 @@ def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
             except Exception:
                 internal_error("signal naming")
                 name = naming.ANONYMOUS_SIGNAL
+        plain = _plain_receivers(type(signal))
         reused = active.by_name.get(name)
         if reused is not None and reused.hooks is hooks:
             binding = reused
@@ -301,9 +306,29 @@ def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
                 cached = active.signals.put(signal, binding)
         except Exception:  # a signal whose __weakref__ misbehaves
             cached = False
-        if not cached:  # looked up by name at each send
+        if cached:
+            binding.plain_receivers = plain
+        else:  # looked up by name at each send, shared by signals of any class
             active.by_name[name] = binding
         return binding
+
+
+def _plain_receivers(kind: type) -> bool:
+    """Whether signals of ``kind`` find receivers exactly as blinker's ``Signal`` does.
+
+    Then an empty ``receivers`` means ``receivers_for`` yields nothing (it is
+    the first thing it checks), and the send can stop there. A subclass that
+    overrides ``receivers_for``, ``receivers`` or attribute access gets the
+    full loop.
+    """
+    try:
+        return (
+            getattr(kind, "receivers_for", None) is Signal.receivers_for
+            and getattr(kind, "__getattribute__", None) is Signal.__getattribute__
+            and not any("receivers" in vars(klass) for klass in kind.__mro__)
+        )
+    except Exception:
+        return False
 
 
 # --------------------------------------------------------------------------
