@@ -11,9 +11,11 @@ __version__ = "0.1.0"
 from .config import ConfigError
 from .dispatch import instrument, is_instrumented, uninstrument
 from .extension import SigTrace
+from .options import Options
 
 __all__ = [
     "ConfigError",
+    "Options",
     "SigTrace",
     "__version__",
     "instrument",

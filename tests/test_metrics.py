@@ -326,3 +326,32 @@ def test_threads_lose_no_count(instrumented: CollectorRegistry) -> None:
         )
         == total
     )
+
+
+def test_a_histogram_series_appears_at_its_first_observation(registry: CollectorRegistry) -> None:
+    quiet = blinker.Signal()  # never reaches a receiver: counted, never timed
+    busy = blinker.NamedSignal("busy")
+    busy.connect(lambda sender, **kw: None, weak=False)
+    sigtrace.instrument(registry=registry)
+    quiet.send("x")
+    body = generate_latest(registry).decode()
+    assert 'sigtrace_signal_sends_total{signal="anonymous"} 1.0' in body
+    assert 'sigtrace_signal_duration_seconds_count{signal="anonymous"}' not in body
+    assert 'sigtrace_signal_duration_seconds_count{signal="busy"}' not in body
+    busy.send("x")
+    body = generate_latest(registry).decode()
+    assert 'sigtrace_signal_duration_seconds_count{signal="busy"} 1.0' in body
+
+
+def test_a_second_instrument_with_other_options_names_the_option(
+    registry: CollectorRegistry,
+) -> None:
+    sigtrace.instrument(registry=registry, spans="all")
+    with pytest.raises(ValueError, match="another spans .*'all'.*'signals'"):
+        sigtrace.instrument(registry=registry, spans="signals")
+    with pytest.raises(ValueError, match="another buckets"):
+        sigtrace.instrument(registry=registry, buckets=(0.1, 1.0))
+    sigtrace.instrument(sigtrace.Options(registry=registry))  # the same options: accepted
+    sigtrace.uninstrument()
+    sigtrace.uninstrument()
+    assert not sigtrace.is_instrumented()

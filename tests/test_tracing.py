@@ -715,3 +715,19 @@ def test_repeated_exporter_failures_are_logged_once_per_interval(
         "Failed to export traces to collector:4317, attempt 100 "
         "[sigtrace: 99 similar messages held back in the last 60 s]",
     ]
+
+
+def test_receivers_called_counts_the_raising_receiver_and_not_the_ones_after(
+    registry: CollectorRegistry, tracing: Tracing
+) -> None:
+    signal = NS.signal("payment-taken")
+    signal.connect(charge_card)  # raises: the next receiver is never called
+    signal.connect(on_signup)
+    instrument(registry, tracing)
+    with tracing.parent(), pytest.raises(PaymentDeclined):
+        signal.send("shop")
+    span = tracing.named("signal payment-taken")
+    attributes = span.attributes or {}
+    assert attributes["blinker.receivers.called"] == 1
+    assert "blinker.receivers.count" not in attributes
+    assert receiver_calls(registry, "payment-taken", ON_SIGNUP) is None
