@@ -24,7 +24,6 @@ import json
 import math
 import types
 import typing as t
-import weakref
 from collections import defaultdict
 
 import blinker
@@ -32,7 +31,6 @@ import click
 import flask
 import prometheus_client
 from blinker import Signal
-from blinker.base import ANY_ID  # blinker internals: used by _connections only
 from flask import signals as flask_signals
 from flask.cli import AppGroup
 from prometheus_client import CollectorRegistry
@@ -43,7 +41,6 @@ __all__ = ["histogram_quantile", "sigtrace_cli", "signal_inventory"]
 
 ANY_SENDER = "ANY"
 UNKNOWN_SENDER = "?"
-_UNKNOWN = object()  # a sender that could not be resolved
 _RECEIVER_HISTOGRAM = "sigtrace_receiver_duration_seconds"
 _RECEIVER_ERRORS = "sigtrace_receiver_errors_total"
 _SIGNAL_SENDS = "sigtrace_signal_sends_total"
@@ -134,55 +131,12 @@ def _owner_name(signal: Signal) -> str:
     return name
 
 
-def _connections(signal: Signal) -> list[tuple[t.Any, bool, list[object]]]:
-    """``(receiver, weak, senders)`` for each live receiver, in connection order.
-
-    blinker has no public API for this, so this is the one place that reads
-    blinker internals (1.9): ``receivers`` maps a receiver id to the receiver or
-    a ``weakref.ref`` to it, ``_by_receiver`` maps it to the sender ids it is
-    connected for (``ANY_ID`` for any sender; the value itself for str and int
-    senders, see ``blinker._utilities.make_id``) and ``_weak_senders`` maps
-    sender ids to weak references to the senders. Senders it cannot resolve
-    (not weakly referenceable, or another blinker layout) come back as
-    :data:`_UNKNOWN`.
-    """
-    by_receiver = getattr(signal, "_by_receiver", None)
-    weak_senders = getattr(signal, "_weak_senders", {})
-    out: list[tuple[t.Any, bool, list[object]]] = []
-    for receiver_id, stored in list(signal.receivers.items()):
-        weak = isinstance(stored, weakref.ref)
-        receiver = stored() if isinstance(stored, weakref.ref) else stored
-        if receiver is None:
-            continue  # died; blinker removes it on its own
-        if by_receiver is None:
-            out.append((receiver, weak, [_UNKNOWN]))
-            continue
-        sender_ids = by_receiver.get(receiver_id)
-        if not sender_ids:
-            continue  # disconnected from its only sender: blinker keeps it, never calls it
-        senders: list[object] = []
-        for sender_id in sorted(sender_ids, key=repr):
-            if sender_id == ANY_ID:
-                senders.append(blinker.ANY)
-            elif sender_id in weak_senders:
-                sender = weak_senders[sender_id]()
-                senders.append(_UNKNOWN if sender is None else sender)
-            elif isinstance(sender_id, (str, int)):
-                # An int is also what the id() of an unreferenceable sender
-                # looks like; those are rare and shown as that number.
-                senders.append(sender_id)
-            else:
-                senders.append(_UNKNOWN)
-        out.append((receiver, weak, senders))
-    return out
-
-
 def describe_sender(sender: object) -> str:
     """A short, safe description: never the sender's repr (it may be slow,
     raise, leak secrets or hold an address)."""
     if sender is blinker.ANY:
         return ANY_SENDER
-    if sender is _UNKNOWN:
+    if sender is dispatch.UNKNOWN_SENDER:
         return UNKNOWN_SENDER
     if isinstance(sender, bool):
         return bool.__repr__(sender)
@@ -268,7 +222,7 @@ def signal_inventory(registry: CollectorRegistry | None, metrics: bool) -> list[
     for signal in known_signals():
         name = dispatch.label_of(signal) or _owner_name(signal)
         receivers = []
-        for receiver, weak, senders in _connections(signal):
+        for receiver, weak, senders in dispatch.connections(signal):
             row = ReceiverRow(
                 naming.receiver_name(receiver),
                 "weak" if weak else "strong",

@@ -27,7 +27,8 @@ import weakref
 from collections.abc import Callable
 from time import perf_counter
 
-from blinker import Signal
+from blinker import ANY, Signal
+from blinker.base import ANY_ID
 from opentelemetry.trace import Span
 
 from . import naming, tracing
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("sigtrace")
+
+UNKNOWN_SENDER = object()
+"""What :func:`connections` gives for a sender it could not resolve."""
 
 Results = list[tuple[Callable[..., t.Any], t.Any]]
 Wrapper = Callable[[Callable[..., t.Any]], Callable[..., t.Any]]
@@ -461,3 +465,46 @@ def label_of(signal: Signal) -> str | None:
     active = _active
     binding = active.signals.get(id(signal)) if active is not None else None
     return binding.name if binding is not None else None
+
+
+def connections(signal: Signal) -> list[tuple[t.Any, bool, list[object]]]:
+    """``(receiver, weak, senders)`` for each live receiver, in connection order.
+
+    For the CLI. blinker has no public API for this, so it reads blinker's
+    internals (1.9): ``receivers`` maps a receiver id to the receiver or
+    a ``weakref.ref`` to it, ``_by_receiver`` maps it to the sender ids it is
+    connected for (``ANY_ID`` for any sender; the value itself for str and int
+    senders, see ``blinker._utilities.make_id``) and ``_weak_senders`` maps
+    sender ids to weak references to the senders. Senders it cannot resolve
+    (not weakly referenceable, or another blinker layout) come back as
+    :data:`UNKNOWN_SENDER`.
+    """
+    by_receiver = getattr(signal, "_by_receiver", None)
+    weak_senders = getattr(signal, "_weak_senders", {})
+    out: list[tuple[t.Any, bool, list[object]]] = []
+    for receiver_id, stored in list(signal.receivers.items()):
+        weak = isinstance(stored, weakref.ref)
+        receiver = stored() if isinstance(stored, weakref.ref) else stored
+        if receiver is None:
+            continue  # died; blinker removes it on its own
+        if by_receiver is None:
+            out.append((receiver, weak, [UNKNOWN_SENDER]))
+            continue
+        sender_ids = by_receiver.get(receiver_id)
+        if not sender_ids:
+            continue  # disconnected from its only sender: blinker keeps it, never calls it
+        senders: list[object] = []
+        for sender_id in sorted(sender_ids, key=repr):
+            if sender_id == ANY_ID:
+                senders.append(ANY)
+            elif sender_id in weak_senders:
+                sender = weak_senders[sender_id]()
+                senders.append(UNKNOWN_SENDER if sender is None else sender)
+            elif isinstance(sender_id, (str, int)):
+                # An int is also what the id() of an unreferenceable sender
+                # looks like; those are rare and shown as that number.
+                senders.append(sender_id)
+            else:
+                senders.append(UNKNOWN_SENDER)
+        out.append((receiver, weak, senders))
+    return out

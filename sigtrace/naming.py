@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import sys
-import threading
 import types
 import typing as t
 import weakref
 
 from blinker import NamedSignal, Signal
+
+from .identity import IdentityCache
 
 __all__ = [
     "ANONYMOUS_SIGNAL",
@@ -68,9 +69,7 @@ class ReceiverInfo:
 # id(identity object) -> ReceiverInfo. Entries are removed by a weakref callback
 # when the identity object dies, before its id can be reused; objects that
 # cannot be weakly referenced are never cached (their info is recomputed).
-_receiver_cache: dict[int, ReceiverInfo] = {}
-_receiver_refs: dict[int, weakref.ref[t.Any]] = {}
-_cache_lock = threading.Lock()
+_receivers: IdentityCache[ReceiverInfo] = IdentityCache()
 
 
 def _identity(receiver: t.Any) -> t.Any:
@@ -87,28 +86,12 @@ def _identity(receiver: t.Any) -> t.Any:
 def receiver_info(receiver: t.Any) -> ReceiverInfo:
     """Return the cached :class:`ReceiverInfo` for ``receiver``; never raises."""
     key = _identity(receiver)
-    info = _receiver_cache.get(id(key))
+    info = _receivers.get(id(key))
     if info is not None:
         return info
     info = ReceiverInfo(receiver_name(receiver), _is_coroutine(receiver))
-    _remember(key, info)
+    _receivers.put(key, info)  # not weakly referenceable: not cached
     return info
-
-
-def _remember(key: t.Any, info: ReceiverInfo) -> None:
-    key_id = id(key)
-
-    def forget(_ref: weakref.ref[t.Any], key_id: int = key_id) -> None:
-        _receiver_cache.pop(key_id, None)
-        _receiver_refs.pop(key_id, None)
-
-    try:
-        ref = weakref.ref(key, forget)
-    except TypeError:
-        return  # not weakly referenceable: an id could be reused, so no cache
-    with _cache_lock:
-        _receiver_refs[key_id] = ref
-        _receiver_cache[key_id] = info
 
 
 def _is_coroutine(receiver: t.Any) -> bool:

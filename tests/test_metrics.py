@@ -193,7 +193,7 @@ def test_receiver_names_are_cached_without_keeping_receivers_alive() -> None:
     del listener
     gc.collect()
     assert ref() is None
-    assert id(first) not in {id(v) for v in naming._receiver_cache.values()}
+    assert id(first) not in {id(v) for _, v in naming._receivers.live()}
 
 
 class Processor:
@@ -347,7 +347,7 @@ def test_a_second_instrument_with_other_options_names_the_option(
     registry: CollectorRegistry,
 ) -> None:
     sigtrace.instrument(registry=registry, spans="all")
-    with pytest.raises(ValueError, match="another spans .*'all'.*'signals'"):
+    with pytest.raises(ValueError, match=r"another spans .*'all'.*'signals'"):
         sigtrace.instrument(registry=registry, spans="signals")
     with pytest.raises(ValueError, match="another buckets"):
         sigtrace.instrument(registry=registry, buckets=(0.1, 1.0))

@@ -130,9 +130,10 @@ def test_a_signal_left_anonymous_is_found_through_a_later_sender() -> None:
 def test_an_anonymous_signal_is_renamed_when_a_later_sender_reveals_it() -> None:
     """End to end: sent first with None from here (no module global, no class
     holding it yet), then by an instance of the class that holds it."""
-    import sigtrace
     from blinker import Signal
     from prometheus_client import CollectorRegistry
+
+    import sigtrace
 
     class Holder:
         pass

@@ -128,11 +128,13 @@ def test_memory_caches_and_labels_stay_bounded(
             run_round(steady, checkpoint * per_checkpoint + offset)
         gc.collect()
         memory.append(tracemalloc.get_traced_memory()[0])
-        caches.append((len(naming._receiver_cache), len(dispatch._probes)))
+        active = dispatch._active
+        assert active is not None
+        caches.append((len(naming._receivers), len(active.signals)))
     elapsed = time.perf_counter() - started
     print(
         f"\nsoak: {SENDS} sends in {elapsed:.1f} s; traced memory at checkpoints (bytes): "
-        f"{memory}; (receiver cache, probes) sizes: {caches}"
+        f"{memory}; (receiver cache, signal bindings) sizes: {caches}"
     )
 
     assert ledger.total == rounds * 3, "the steady receiver missed sends"
