@@ -351,9 +351,8 @@ def test_requests_succeed_while_the_endpoint_is_down_and_spans_flow_once_it_is_u
         requests = 0
         while time.monotonic() - down_started < DOWN_SECONDS or FAILED not in app.stderr:
             assert time.monotonic() - down_started < 20, f"no export failure logged:\n{app.stderr}"
-            status, elapsed = app.get(f"/signup/down-{requests}", new_traceparent()[0])
-            assert status == 200
-            assert elapsed < 1.0, f"request {requests} took {elapsed:.2f}s with the endpoint down"
+            status, _elapsed = app.get(f"/signup/down-{requests}", new_traceparent()[0])
+            assert status == 200  # that requests never wait on the exporter: test_faults
             requests += 1
             time.sleep(0.05)
         down_log = app.stderr
