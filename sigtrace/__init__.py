@@ -6,12 +6,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .config import ConfigError
 from .dispatch import instrument, is_instrumented, uninstrument
 from .extension import SigTrace
 from .options import Options
+from .version import __version__
 
 __all__ = [
     "ConfigError",

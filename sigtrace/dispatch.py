@@ -38,6 +38,7 @@ from .identity import IdentityCache
 from .metrics import MetricSet, metric_set
 from .options import Options
 from .spans import SendSpans, SpanSettings
+from .version import __version__
 
 __all__ = [
     "Options",
@@ -397,14 +398,8 @@ def instrument(options: Options | None = None, /, **fields: t.Any) -> None:
                 "sigtrace: blinker's Signal.send or send_async does not have the signature "
                 "sigtrace %s was written for (blinker changed them); signals are NOT "
                 "recorded. Upgrade sigtrace or pin blinker to a release it supports.",
-                _version(),
+                __version__,
             )
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def uninstrument() -> None:

@@ -21,6 +21,8 @@ from opentelemetry.semconv.attributes.code_attributes import CODE_FUNCTION_NAME
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
+from .version import __version__
+
 __all__ = [
     "ATTR_APP_NAME",
     "ATTR_KWARG_PREFIX",
@@ -93,8 +95,6 @@ def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
     Without a provider the API returns a proxy that follows a global provider
     configured later (after fork, after sigtrace was imported).
     """
-    from . import __version__
-
     if provider is None:
         return trace.get_tracer("sigtrace", __version__)
     return provider.get_tracer("sigtrace", __version__)
