@@ -19,7 +19,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
-from .tracing import SPAN_MODES
+from .options import Options
+from .tracing import SPAN_MODES, SpanMode
 
 __all__ = ["ConfigError", "KEYS", "Settings", "load_settings"]
 
@@ -212,6 +213,22 @@ class Settings:
     max_label_values: int = DEFAULT_MAX_LABEL_VALUES
     otlp_endpoint: str | None = None
     console_spans: bool = False
+
+    def instrument_options(self, registry: t.Any, tracer_provider: t.Any) -> Options:
+        """The process-wide instrumentation these settings ask for."""
+        return Options(
+            registry=registry,
+            tracer_provider=tracer_provider,
+            metrics=self.metrics,
+            tracing_enabled=self.tracing,
+            spans=t.cast(SpanMode, self.spans),
+            root_spans=self.root_spans,
+            include=self.include_signals,
+            exclude=self.exclude_signals,
+            record_kwargs=frozenset(self.record_kwargs),
+            buckets=self.buckets,
+            max_label_values=self.max_label_values,
+        )
 
 
 def _shown(value: object) -> str:

@@ -254,19 +254,7 @@ class SigTrace:
         if "sigtrace" in app.extensions:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
-        dispatch.instrument(
-            registry=self.registry,
-            tracer_provider=self.tracer_provider,
-            metrics=settings.metrics,
-            tracing_enabled=settings.tracing,
-            spans=t.cast(tracing.SpanMode, settings.spans),
-            root_spans=settings.root_spans,
-            include=settings.include_signals,
-            exclude=settings.exclude_signals,
-            record_kwargs=settings.record_kwargs,
-            buckets=settings.buckets,
-            max_label_values=settings.max_label_values,
-        )
+        dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
         metrics = None
         if settings.metrics:
             metrics = dispatch.active_metrics() or metric_set(
