@@ -18,8 +18,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grafana import generate
 from tests.conftest import require_tool
+
+try:
+    from grafana import generate
+except ModuleNotFoundError as error:
+    # grafana-foundation-sdk requires Python >= 3.11, so the dev extra installs
+    # it only there. Only then may the generator's tests skip; everywhere else a
+    # missing SDK is an error. The committed JSON is checked on every version.
+    if sys.version_info >= (3, 11) or not (error.name or "").startswith("grafana_foundation_sdk"):
+        raise
+    generate = None  # type: ignore[assignment]
+
+GENERATOR_SKIP_REASON = (
+    f"grafana-foundation-sdk requires Python >= 3.11 (this is {sys.version.split()[0]}); "
+    "the dashboard generator is tested on 3.11+, the committed dashboards here"
+)
+needs_generator = pytest.mark.skipif(generate is None, reason=GENERATOR_SKIP_REASON)
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
@@ -69,6 +84,7 @@ def all_targets() -> list[tuple[str, dict[str, t.Any], dict[str, t.Any]]]:
 # Generated and committed
 
 
+@needs_generator
 def test_committed_json_is_the_generator_s_output() -> None:
     generated = {name: generate.render(board) for name, board in generate.dashboards().items()}
     on_disk = {path.name: path.read_text() for path in sorted(DASHBOARDS_DIR.glob("*.json"))}
@@ -77,6 +93,7 @@ def test_committed_json_is_the_generator_s_output() -> None:
         assert on_disk[name] == text, f"{name} is stale: run python -m grafana.generate"
 
 
+@needs_generator
 def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
     assert generate.main(["--out", str(tmp_path)]) == 0
     assert generate.main(["--out", str(tmp_path), "--check"]) == 0
@@ -85,6 +102,7 @@ def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
     assert generate.main(["--out", str(tmp_path), "--check"]) == 1
 
 
+@needs_generator
 def test_the_generator_runs_as_a_module(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "grafana.generate", "--out", str(tmp_path)],
