@@ -2,6 +2,8 @@
 # first target to need it creates (a fresh machine needs only python3 and make).
 PYTHON ?= python3
 VENV ?= .venv
+# Extra pip arguments for the install, e.g. PIP_ARGS="-c .ci/lowest.txt" (the floors).
+PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PIP_ARGS)
 	touch $(STAMP)
 
 ## The main job: the demo app instrumented by SigTrace, serving /metrics.
@@ -42,4 +44,4 @@ dashboards: $(STAMP)
 	$(BIN)/python -m grafana.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache

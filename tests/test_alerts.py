@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grafana import generate
-from tests.conftest import require_tool
+from tests.conftest import generate, needs_generator, require_tool
 
 pytestmark = pytest.mark.real
 
@@ -180,7 +179,8 @@ def test_every_alert_waits_has_a_severity_and_says_what_to_do() -> None:
         assert "{{ $labels.job }}" in notes["summary"]
         assert "{{ $value" in notes["description"]
         url, anchor = notes["runbook_url"].split("#")
-        assert url == generate.DEFAULT_RUNBOOK_URL, rule["alert"]
+        if generate is not None:  # the generator is importable on Python >= 3.11
+            assert url == generate.DEFAULT_RUNBOOK_URL, rule["alert"]
         assert anchor == rule["alert"].lower() and anchor in headings, rule["alert"]
     assert alert("SigtraceUnhandledExceptionRatioHigh")["labels"]["severity"] == "critical"
 
@@ -238,6 +238,7 @@ def test_every_runbook_url_is_an_absolute_http_url() -> None:
     assert_absolute_http_urls(runbook_urls(RULES_DIR))
 
 
+@needs_generator
 def test_the_committed_rules_are_filled_from_the_default_runbook_url() -> None:
     for name, text in generate.rules_with_runbook(RULES_DIR, generate.DEFAULT_RUNBOOK_URL).items():
         assert (RULES_DIR / name).read_text(encoding="utf-8") == text, (
@@ -245,6 +246,7 @@ def test_the_committed_rules_are_filled_from_the_default_runbook_url() -> None:
         )
 
 
+@needs_generator
 def test_one_setting_points_every_runbook_url_elsewhere_and_the_rules_still_pass(
     tmp_path: Path,
 ) -> None:
@@ -273,6 +275,7 @@ def test_one_setting_points_every_runbook_url_elsewhere_and_the_rules_still_pass
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+@needs_generator
 @pytest.mark.parametrize("url", ["grafana/rules/RUNBOOK.md", "ftp://host/x", "https://h/x#a"])
 def test_a_runbook_url_that_is_not_absolute_http_is_refused(url: str) -> None:
     result = subprocess.run(
