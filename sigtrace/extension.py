@@ -262,6 +262,14 @@ class SigTrace:
             )
         if settings.tracing and self.tracer_provider is None:
             _setup_exporter(app, settings)
+        if metrics is not None:
+            from . import otlp_metrics
+
+            try:
+                otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
+            except ConfigError:
+                dispatch.uninstrument()
+                raise
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         _install_request_hooks()
         if settings.metrics and settings.metrics_path:
