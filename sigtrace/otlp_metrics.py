@@ -345,8 +345,11 @@ _pusher: OtlpMetricsPusher | None = None
 _fork_hook_registered = False
 
 
-def start(metrics: MetricSet, service_name: str) -> OtlpMetricsPusher | None:
+def start(metrics: MetricSet, service_name: str | None) -> OtlpMetricsPusher | None:
     """Start pushing ``metrics`` over OTLP when ``OTEL_METRICS_EXPORTER`` asks for it.
+
+    ``service_name`` (the Flask app's name) is used when ``OTEL_SERVICE_NAME`` and
+    ``OTEL_RESOURCE_ATTRIBUTES`` name none; None keeps the SDK's resource as is.
 
     Once per process (later calls return the running pusher). Returns None and
     starts nothing without the variable. Raises :class:`ConfigError` for a bad
@@ -372,9 +375,12 @@ def start(metrics: MetricSet, service_name: str) -> OtlpMetricsPusher | None:
                 exc_info=True,
             )
             return None
+        from opentelemetry.sdk.resources import Resource
+
         from .tracing import sdk_resource
 
-        resource = _with_instance_id(sdk_resource(service_name))
+        base = sdk_resource(service_name) if service_name else Resource.create()
+        resource = _with_instance_id(base)
         pusher = OtlpMetricsPusher(metrics, exporter, resource, interval / 1000, timeout / 1000)
         pusher.start()
         _pusher = pusher

@@ -67,6 +67,7 @@ class ReceivedSpan:
     resource: dict[str, t.Any]
     start_ns: int
     end_ns: int
+    scope: str = ""  # the instrumentation scope (tracer) name
 
 
 def _value(value: AnyValue) -> t.Any:
@@ -103,6 +104,7 @@ def _flatten(request: trace_service_pb2.ExportTraceServiceRequest) -> list[Recei
                         resource=resource,
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
+                        scope=scope_spans.scope.name,
                     )
                 )
     return spans
