@@ -356,9 +356,7 @@ class GrpcReceiver(Receiver):
             options=[("grpc.so_reuseport", 0)],
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
-            _MetricsService(self), server
-        )
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         if not self.port:
             raise OSError(f"grpc receiver could not bind 127.0.0.1:{port}")

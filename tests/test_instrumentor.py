@@ -8,11 +8,7 @@ metrics, pushed over OTLP to the in-repo receiver.
 
 from __future__ import annotations
 
-import queue
-import subprocess
 import sys
-import threading
-import time
 import typing as t
 import urllib.request
 from collections.abc import Iterator
@@ -28,9 +24,10 @@ from prometheus_client import CollectorRegistry
 
 from sigtrace import dispatch
 from sigtrace.instrumentor import BlinkerInstrumentor
+from tests.app_process import run_module
 from tests.conftest import sample
 from tests.otlp_receiver import PROTOCOLS, ReceivedPoint, ReceivedSpan, running_receiver
-from tests.test_export import ARRIVAL_TIMEOUT, START_TIMEOUT, app_env
+from tests.test_export import ARRIVAL_TIMEOUT, app_env
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = Path(sys.executable).parent / "opentelemetry-instrument"
@@ -41,47 +38,9 @@ RECEIVERS = {"tests.apps.plain_app.charge_card", "tests.apps.plain_app.reserve_s
 def instrumented_app(env: dict[str, str]) -> Iterator[int]:
     """``opentelemetry-instrument python -m tests.apps.plain_app``; yields its port."""
     assert COMMAND.exists(), "opentelemetry-distro is a dev dependency: pip install -e '.[dev]'"
-    proc = subprocess.Popen(
-        [str(COMMAND), sys.executable, "-m", "tests.apps.plain_app"],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    errors: list[str] = []
-    assert proc.stdout is not None and proc.stderr is not None
-    readers = [
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True),  # type: ignore[union-attr]
-        threading.Thread(target=lambda: [errors.append(x) for x in proc.stderr], daemon=True),  # type: ignore[union-attr]
-    ]
-    for reader in readers:
-        reader.start()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        port = 0
-        while not port and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if line.startswith("listening on port "):
-                port = int(line.split()[-1])
-        assert port, f"app did not start; stderr:\n{''.join(errors)}"
-        yield port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for reader in readers:
-            reader.join(timeout=5)
-    assert "Instrumenting of blinker failed" not in "".join(errors), "".join(errors)
+    with run_module("tests.apps.plain_app", env, wrapper=[str(COMMAND)]) as app:
+        yield app.port
+    assert "Instrumenting of blinker failed" not in app.stderr, app.stderr
 
 
 def get(port: int, path: str) -> int:
