@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.request
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from prometheus_client import REGISTRY
 from werkzeug.serving import make_server
 
@@ -55,7 +56,7 @@ def drive_traffic(base: str, rps: float, stop: threading.Event) -> None:
                 return
 
 
-class _RawSpans:
+class _RawSpans(SpanProcessor):
     """A span processor printing sigtrace's one-line form of each span as it ends."""
 
     def __init__(self, write: t.Callable[[str], None]) -> None:
@@ -124,16 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     exporting = tracing.otlp_endpoint_configured()
     provider = _tracer_provider(exporting)
     processor = _RawSpans(write) if args.raw_spans else SpanTreePrinter(write)
-    provider.add_span_processor(t.cast(t.Any, processor))  # printed as each span ends
+    provider.add_span_processor(processor)  # printed as each span ends
     app = create_app()
     errors = logging.StreamHandler(sys.stdout)
     errors.setFormatter(_OneLineErrors())
     app.logger.handlers[:] = [errors]
     app.logger.propagate = False
 
+    # Bound here, not by werkzeug: on a busy port werkzeug prints its own advice and exits.
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        listener.bind((args.host, args.port))
     except OSError as error:
+        listener.close()
         if error.errno == errno.EADDRINUSE:
             other = args.port + 1
             print(
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         raise
-    base = f"http://{args.host}:{server.server_port}"
+    listener.listen(128)
+    server = make_server(args.host, args.port, app, threaded=True, fd=listener.fileno())
+    base = f"http://{args.host}:{listener.getsockname()[1]}"
     print(f"sigtrace demo listening on {base}", flush=True)
     print(f"  metrics:  {base}/metrics", flush=True)
     shown = "one line per span" if args.raw_spans else "one span tree per request"
