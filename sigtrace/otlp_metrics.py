@@ -24,6 +24,7 @@ compression, TLS, timeouts and retries are the OTLP exporters' own.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
@@ -204,6 +205,9 @@ def metrics_data(
             hpoints = []
             for values, value in _snapshot(family):
                 counts = [int(c) for c in value.counts]
+                extra: dict[str, t.Any] = {}
+                if _sdk_has_exemplars():
+                    extra["exemplars"] = _exemplars(value.exemplars)
                 hpoints.append(
                     HistogramDataPoint(
                         attributes=dict(zip(family.labelnames, values, strict=True)),
@@ -216,7 +220,7 @@ def metrics_data(
                         # not tracked by the core; None leaves OTLP's optional fields unset
                         min=t.cast(float, None),
                         max=t.cast(float, None),
-                        exemplars=_exemplars(value.exemplars),
+                        **extra,
                     )
                 )
             data = Histogram(data_points=hpoints, aggregation_temporality=cumulative)
@@ -231,6 +235,15 @@ def metrics_data(
             )
         ]
     )
+
+
+@functools.cache
+def _sdk_has_exemplars() -> bool:
+    try:
+        from opentelemetry.sdk.metrics import Exemplar  # noqa: F401
+    except ImportError:  # opentelemetry-sdk < 1.27: data points carry no exemplars
+        return False
+    return True
 
 
 def _number(value: float) -> int | float:
