@@ -326,7 +326,7 @@ class OtlpMetricsPusher:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self.timeout)
+            thread.join(timeout=EXIT_EXPORT_SECONDS)  # it may be mid-export to a dead collector
         if last_export:
             final = threading.Thread(target=self.export, name="sigtrace-otlp-last", daemon=True)
             final.start()
