@@ -156,3 +156,28 @@ def test_instrument_and_uninstrument_in_process() -> None:
 
 def _pong(sender: t.Any, **kwargs: t.Any) -> None:
     return None
+
+
+def test_sigtrace_metrics_port_serves_the_zero_code_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from blinker import Namespace
+
+    monkeypatch.setenv("SIGTRACE_METRICS_PORT", "0")
+    monkeypatch.setenv("SIGTRACE_TRACING", "false")
+    registry = CollectorRegistry()
+    instrumentor = BlinkerInstrumentor()
+    instrumentor.instrument(registry=registry)
+    try:
+        port = instrumentor._metrics_port
+        assert port
+        Namespace().signal("served").send(None)
+        assert get(port, "/metrics") == 200
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert 'sigtrace_signal_sends_total{signal="served"} 1.0' in text
+    finally:
+        instrumentor.uninstrument()
+    with pytest.raises(OSError):
+        get(port, "/metrics")  # the server stopped with the instrumentation
