@@ -34,7 +34,7 @@ __all__ = [
 NAME_WIDTH = 62
 MAX_OPEN_TRACES = 1000
 """Traces whose root has not ended yet, kept at most (oldest dropped first)."""
-SHOWN_ATTRIBUTES = ("blinker.receivers.count", "http.response.status_code", "error.type")
+SHOWN_ATTRIBUTES = ("blinker.receivers.called", "http.response.status_code", "error.type")
 
 
 def _ms(span: ReadableSpan) -> float:

@@ -51,8 +51,8 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: t.Any) -> None:
         settings = load_settings({})
         dispatch.instrument(
-            kwargs.get("registry"),
-            kwargs.get("tracer_provider"),
+            registry=kwargs.get("registry"),
+            tracer_provider=kwargs.get("tracer_provider"),
             metrics=settings.metrics,
             tracing_enabled=settings.tracing,
             spans=t.cast(tracing.SpanMode, settings.spans),
@@ -69,12 +69,19 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         try:
             otlp_metrics.start(metrics, None)  # only with OTEL_METRICS_EXPORTER=otlp
             if settings.metrics_port is not None:
-                from .exposition import start_server
+                from .exposition import ServerConflict, start_server
 
                 try:
                     port = start_server(
-                        settings.metrics_port, settings.metrics_addr, kwargs.get("registry")
+                        settings.metrics_port,
+                        settings.metrics_addr,
+                        kwargs.get("registry"),
+                        token=settings.metrics_token,
                     )
+                except ServerConflict as error:
+                    raise ConfigError(
+                        f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
+                    ) from None
                 except OSError as error:
                     raise ConfigError(
                         f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve "

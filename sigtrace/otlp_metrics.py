@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Mapping
 
 from .config import ConfigError
-from .metrics import Family, MetricSet
+from .metrics import HistogramValue, MetricSet
 
 __all__ = [
     "OTLP_NAMES",
@@ -126,44 +126,6 @@ def _exporter(protocol: str, environ: Mapping[str, str]) -> t.Any:
     return HTTPMetricExporter()
 
 
-def _snapshot(family: Family) -> list[tuple[tuple[str, ...], t.Any]]:
-    snapshot = getattr(family, "snapshot", None)
-    if snapshot is not None:
-        return t.cast(list[tuple[tuple[str, ...], t.Any]], snapshot())
-    return _snapshot_from_collect(family)  # TEMPORARY until the new core lands
-
-
-def _snapshot_from_collect(family: Family) -> list[tuple[tuple[str, ...], t.Any]]:
-    from types import SimpleNamespace
-
-    out: list[tuple[tuple[str, ...], t.Any]] = []
-    collected = family.collect()
-    by_labels: dict[tuple[str, ...], list[t.Any]] = {}
-    for sample in collected.samples:
-        labels = tuple(sample.labels.get(n, "") for n in family.labelnames)
-        by_labels.setdefault(labels, []).append(sample)
-    for labels, samples in by_labels.items():
-        if family.kind == "counter":
-            out.append((labels, next(s.value for s in samples if s.name.endswith("_total"))))
-            continue
-        buckets = [s for s in samples if s.name.endswith("_bucket")]
-        total = next(s.value for s in samples if s.name.endswith("_sum"))
-        counts, previous = [], 0.0
-        for s in buckets:
-            counts.append(s.value - previous)
-            previous = s.value
-        if previous:
-            out.append(
-                (
-                    labels,
-                    SimpleNamespace(
-                        counts=counts, sum=total, exemplars=[s.exemplar for s in buckets]
-                    ),
-                )
-            )
-    return out
-
-
 def metrics_data(
     metrics: MetricSet, resource: t.Any, start_ns: int, now_ns: int | None = None
 ) -> t.Any:
@@ -195,15 +157,16 @@ def metrics_data(
                     attributes=dict(zip(family.labelnames, values, strict=True)),
                     start_time_unix_nano=start_ns,
                     time_unix_nano=now,
-                    value=_number(value),
+                    value=_number(t.cast(float, value)),
                 )
-                for values, value in _snapshot(family)
+                for values, value in family.snapshot()
             ]
             data = Sum(data_points=points, aggregation_temporality=cumulative, is_monotonic=True)
         else:
             bounds = tuple(family.bounds[:-1])  # OTLP's last bucket is implicitly +Inf
             hpoints = []
-            for values, value in _snapshot(family):
+            for values, value in family.snapshot():
+                assert isinstance(value, HistogramValue)
                 counts = [int(c) for c in value.counts]
                 extra: dict[str, t.Any] = {}
                 if _sdk_has_exemplars():

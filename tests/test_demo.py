@@ -67,7 +67,7 @@ def test_demo_prints_span_trees_and_a_slowest_receivers_table() -> None:
     # a request's tree: server span, its signal, three receivers, the slowest marked
     tree = re.search(
         r"^GET /signup/<name> +SERVER +[\d.]+ ms.*\n"
-        r"└── signal user-signed-up +INTERNAL +[\d.]+ ms +blinker\.receivers\.count=3\n"
+        r"└── signal user-signed-up +INTERNAL +[\d.]+ ms +blinker\.receivers\.called=3\n"
         r"((?:    [├└]── receiver \S+ +INTERNAL +[\d.]+ ms.*\n){3})",
         stdout,
         re.MULTILINE,
