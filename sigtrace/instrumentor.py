@@ -26,7 +26,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
-from . import dispatch, otlp_metrics, tracing
+from . import dispatch, otlp_metrics
 from .config import ConfigError, load_settings
 
 __all__ = ["BlinkerInstrumentor"]
@@ -51,17 +51,7 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: t.Any) -> None:
         settings = load_settings({})
         dispatch.instrument(
-            registry=kwargs.get("registry"),
-            tracer_provider=kwargs.get("tracer_provider"),
-            metrics=settings.metrics,
-            tracing_enabled=settings.tracing,
-            spans=t.cast(tracing.SpanMode, settings.spans),
-            root_spans=settings.root_spans,
-            include=settings.include_signals,
-            exclude=settings.exclude_signals,
-            record_kwargs=settings.record_kwargs,
-            buckets=settings.buckets,
-            max_label_values=settings.max_label_values,
+            settings.instrument_options(kwargs.get("registry"), kwargs.get("tracer_provider"))
         )
         metrics = dispatch.active_metrics() if settings.metrics else None
         if metrics is None:
