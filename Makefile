@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## The main job: the demo app instrumented by SigTrace, serving /metrics.
+## `make demo PORT=8001` picks the port; DEMO_ARGS passes more (e.g. --raw-spans).
+PORT ?= 8000
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/python -m examples.demo
+	@$(BIN)/python -m examples.demo --port $(PORT) $(DEMO_ARGS)
 
 ## The whole test suite: lint, strict typing, then pytest.
 test: lint typecheck unit

@@ -17,6 +17,8 @@ the user's receivers and costs no receiver bookkeeping:
 from __future__ import annotations
 
 import fnmatch
+import logging
+import os
 import re
 import threading
 import typing as t
@@ -28,14 +30,19 @@ from flask import signals as flask_signals
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
     HTTP_REQUEST_METHOD,
     HTTP_RESPONSE_STATUS_CODE,
     HTTP_ROUTE,
 )
+from opentelemetry.semconv.attributes.network_attributes import NETWORK_PROTOCOL_VERSION
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
+from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_ORIGINAL
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.http import get_excluded_urls
 from prometheus_client import CollectorRegistry
 
 from . import dispatch, tracing
@@ -44,7 +51,14 @@ from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
 
-__all__ = ["SigTrace", "UNMATCHED_ENDPOINT"]
+__all__ = ["RequestHook", "ResponseHook", "SigTrace", "UNMATCHED_ENDPOINT"]
+
+log = logging.getLogger("sigtrace")
+
+RequestHook = t.Callable[[trace.Span, flask.Request], None]
+"""``request_hook(span, request)``: called when sigtrace's server span starts."""
+ResponseHook = t.Callable[[trace.Span, flask.Response], None]
+"""``response_hook(span, response)``: called before sigtrace's server span ends."""
 
 UNMATCHED_ENDPOINT = "<unmatched>"
 """Endpoint label of requests no route matched (404, 405 before routing)."""
@@ -67,6 +81,14 @@ class _AppState:
         self.is_excluded = _path_matcher(
             (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
         )
+        # OTel's regexes (OTEL_PYTHON_FLASK_EXCLUDED_URLS, else OTEL_PYTHON_EXCLUDED_URLS),
+        # searched in the full URL as opentelemetry-instrumentation-flask does
+        self.url_excluded: t.Callable[[str], bool] | None = None
+        if any(
+            os.environ.get(key, "").strip()
+            for key in ("OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS")
+        ):
+            self.url_excluded = get_excluded_urls("FLASK").url_disabled
         self.durations: dict[tuple[str, str, str], t.Any] = {}
         self.metrics_port: int | None = None
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
@@ -96,13 +118,16 @@ class _Request:
         self.exception: BaseException | None = None
         self.started = perf_counter()
 
-    def finish(self, status: int) -> None:
+    def finish(self, status: int, response: t.Any = None) -> None:
         """Record the request and end its span: called exactly once."""
         elapsed = perf_counter() - self.started
         span = self.span
         exemplar = None
         if span is not None:
             exemplar = exemplar_of(span)
+            hook = self.state.ext.response_hook
+            if hook is not None and response is not None:
+                _call_hook("response_hook", hook, span, response)
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 if self.exception is not None:
@@ -128,7 +153,9 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     if state is None:
         return
     request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    if state.is_excluded(request.path):
+    if state.is_excluded(request.path) or (
+        state.url_excluded is not None and state.url_excluded(request.url)
+    ):
         return
     method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
     rule = request.url_rule
@@ -141,6 +168,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
         return  # opentelemetry-instrumentation-flask makes the server span
     parent = propagate.extract(request.headers)
     route = rule.rule if rule is not None else None
+    environ = request.environ
     attributes: dict[str, t.Any] = {
         HTTP_REQUEST_METHOD: method,
         URL_PATH: request.path,
@@ -148,6 +176,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     }
     if route is not None:
         attributes[HTTP_ROUTE] = route
+    _add_connection_attributes(attributes, environ)
     span = state.tracer.start_span(
         f"{method} {route}" if route is not None else method,
         context=parent,
@@ -156,13 +185,67 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     )
     record.span = span
     record.token = otel_context.attach(trace.set_span_in_context(span, parent))
+    hook = state.ext.request_hook
+    if hook is not None:
+        _call_hook("request_hook", hook, span, request)
+
+
+def _add_connection_attributes(attributes: dict[str, t.Any], environ: dict[str, t.Any]) -> None:
+    """The server span's recommended HTTP attributes, read straight from the WSGI environ.
+
+    ``server.address`` / ``server.port`` from the Host header (else the WSGI
+    server's name and port), ``client.address`` from the peer (``REMOTE_ADDR``:
+    behind a proxy, werkzeug's ``ProxyFix`` puts the client there),
+    ``user_agent.original``, and ``network.protocol.version`` (``1.1``).
+    """
+    host = environ.get("HTTP_HOST")
+    address: str | None
+    port: str | None
+    if host:
+        name, colon, host_port = host.rpartition(":")
+        if colon and host_port.isdigit() and (not name.startswith("[") or name.endswith("]")):
+            address, port = name, host_port  # "shop.example:8080", "[::1]:8080"
+        else:
+            address, port = host, environ.get("SERVER_PORT")  # no port in the header
+    else:
+        address, port = environ.get("SERVER_NAME"), environ.get("SERVER_PORT")
+    if address:
+        attributes[SERVER_ADDRESS] = address.strip("[]")
+    if port and port.isdigit():
+        attributes[SERVER_PORT] = int(port)
+    client = environ.get("REMOTE_ADDR")
+    if client:
+        attributes[CLIENT_ADDRESS] = client
+    agent = environ.get("HTTP_USER_AGENT")
+    if agent:
+        attributes[USER_AGENT_ORIGINAL] = agent
+    protocol = environ.get("SERVER_PROTOCOL", "")
+    if protocol.startswith("HTTP/"):
+        attributes[NETWORK_PROTOCOL_VERSION] = protocol[5:]
+
+
+_hooks_failed: set[str] = set()
+
+
+def _call_hook(name: str, hook: t.Callable[..., object], span: trace.Span, arg: t.Any) -> None:
+    """Call the user's hook; its exception is logged (once per hook kind), never raised."""
+    try:
+        hook(span, arg)
+    except Exception:
+        if name not in _hooks_failed:
+            _hooks_failed.add(name)
+            log.warning(
+                "sigtrace: the %s passed to SigTrace raised; the request goes on (logged once)",
+                name,
+                exc_info=True,
+            )
 
 
 def _on_request_finished(app: t.Any, kwargs: dict[str, t.Any]) -> None:
     record = _pop_record()
     if record is not None:
         response = kwargs.get("response")
-        record.finish(getattr(response, "status_code", 200))
+        record.finish(getattr(response, "status_code", 200), response)
 
 
 def _on_got_request_exception(app: t.Any, kwargs: dict[str, t.Any]) -> None:
@@ -232,6 +315,12 @@ class SigTrace:
     :param tracer_provider: OpenTelemetry provider (default: the global one; when
         none is configured and an OTLP endpoint is, sigtrace sets up the SDK).
     :param metrics_auth: ``check(request) -> bool`` guarding the metrics route.
+    :param request_hook: ``hook(span, request)``, called when sigtrace's server
+        span starts (not when opentelemetry-instrumentation-flask makes the span:
+        its own hooks apply then).
+    :param response_hook: ``hook(span, response)``, called before that span ends
+        (not for a request whose ``request_finished`` never came: there is no
+        response). An exception in either hook is logged once and swallowed.
     """
 
     def __init__(
@@ -241,10 +330,14 @@ class SigTrace:
         registry: CollectorRegistry | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         metrics_auth: MetricsAuth | None = None,
+        request_hook: RequestHook | None = None,
+        response_hook: ResponseHook | None = None,
     ) -> None:
         self.registry = registry
         self.tracer_provider = tracer_provider
         self.metrics_auth = metrics_auth
+        self.request_hook = request_hook
+        self.response_hook = response_hook
         self._apps: list[flask.Flask] = []
         if app is not None:
             self.init_app(app)
@@ -254,6 +347,7 @@ class SigTrace:
         if "sigtrace" in app.extensions:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
+        exporters = tracing.traces_exporters() if settings.tracing else ()
         dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
         metrics = None
         if settings.metrics:
@@ -261,7 +355,15 @@ class SigTrace:
                 self.registry, settings.buckets, settings.max_label_values
             )
         if settings.tracing and self.tracer_provider is None:
-            _setup_exporter(app, settings)
+            _setup_exporter(app, settings, exporters)
+        if metrics is not None:
+            from . import otlp_metrics
+
+            try:
+                otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
+            except ConfigError:
+                dispatch.uninstrument()
+                raise
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         _install_request_hooks()
         if settings.metrics and settings.metrics_path:
@@ -326,8 +428,17 @@ class SigTrace:
         self._apps.clear()
 
 
-def _setup_exporter(app: flask.Flask, settings: Settings) -> None:
-    if tracing.otlp_endpoint_configured(settings.otlp_endpoint):
+def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> None:
+    """OTEL_TRACES_EXPORTER when set; else OTLP when an endpoint is, else the console if asked."""
+    if exporters:
+        if "none" not in exporters:
+            tracing.setup_sdk(
+                app.name,
+                endpoint=settings.otlp_endpoint,
+                console="console" in exporters,
+                otlp="otlp" in exporters,
+            )
+    elif tracing.otlp_endpoint_configured(settings.otlp_endpoint):
         tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
     elif settings.console_spans:
         tracing.setup_sdk(app.name, console=True)

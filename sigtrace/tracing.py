@@ -171,6 +171,29 @@ def otlp_endpoint_configured(own_endpoint: str | None = None) -> bool:
     )
 
 
+TRACES_EXPORTERS = ("otlp", "console", "none")
+"""The ``OTEL_TRACES_EXPORTER`` values sigtrace's own SDK set-up knows."""
+
+
+def traces_exporters(environ: t.Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``OTEL_TRACES_EXPORTER`` as names (``()`` when unset), validated.
+
+    ``otlp``, ``console`` or both (comma-separated), or ``none``; anything else
+    raises :class:`~sigtrace.config.ConfigError` naming the value.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("OTEL_TRACES_EXPORTER", "")
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    if any(n not in TRACES_EXPORTERS for n in names) or ("none" in names and len(names) > 1):
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER={raw!r} (from the environment) is invalid: expected "
+            "'otlp', 'console', 'otlp,console' or 'none'"
+        )
+    return names
+
+
 def user_configured_provider() -> bool:
     """True when the global TracerProvider is a real one set by someone."""
     provider = trace.get_tracer_provider()
@@ -204,8 +227,11 @@ def setup_sdk(
     service_name: str,
     endpoint: str | None = None,
     console: bool = False,
+    otlp: bool | None = None,
 ) -> t.Any:
-    """Install an SDK TracerProvider exporting over OTLP (or to the console).
+    """Install an SDK TracerProvider exporting over OTLP, to the console, or both.
+
+    ``otlp`` defaults to ``not console``.
 
     Does nothing and returns None when a provider is already configured (sigtrace
     never replaces the user's), when ``OTEL_SDK_DISABLED=true`` or
@@ -226,8 +252,9 @@ def setup_sdk(
     with _sdk_lock:
         if _sdk_provider is not None or user_configured_provider() or sdk_disabled():
             return None
+        use_otlp = not console if otlp is None else otlp
         try:
-            exporter = _console_exporter() if console else _otlp_exporter(endpoint)
+            exporter = _otlp_exporter(endpoint) if use_otlp else None
         except Exception:
             log.error(
                 "sigtrace: the OTLP span exporter could not be set up from the OTEL_* "
@@ -235,15 +262,19 @@ def setup_sdk(
                 exc_info=True,
             )
             return None
-        if exporter is None:
+        if exporter is None and not console:
             return None
-        once = _OnceShutdownExporter(exporter)
         provider = TracerProvider(resource=sdk_resource(service_name))
-        # the wrapper is a SpanExporter by duck typing (export, shutdown, force_flush)
-        provider.add_span_processor(BatchSpanProcessor(t.cast(t.Any, once)))
+        once = None
+        if exporter is not None:
+            once = _OnceShutdownExporter(exporter)
+            # the wrapper is a SpanExporter by duck typing (export, shutdown, force_flush)
+            provider.add_span_processor(BatchSpanProcessor(t.cast(t.Any, once)))
+        if console:
+            provider.add_span_processor(BatchSpanProcessor(_console_exporter()))
         trace.set_tracer_provider(provider)
         _sdk_provider, _sdk_exporter = provider, once
-        if not console:
+        if once is not None:
             _limit_exporter_logs()
         atexit.register(shutdown_sdk)
         return provider

@@ -237,6 +237,11 @@ def test_request_signal_and_receiver_spans_form_one_tree(
         "url.path": "/signup/alice",
         "url.scheme": "http",
         "http.response.status_code": 200,
+        "server.address": "127.0.0.1",
+        "server.port": app.port,
+        "client.address": "127.0.0.1",
+        "user_agent.original": f"Python-urllib/{sys.version_info[0]}.{sys.version_info[1]}",
+        "network.protocol.version": "1.1",
     }
     assert server.status == "UNSET"
     signal = spans["signal user-signed-up"]

@@ -103,7 +103,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     proc = subprocess.Popen(
         [
             *(sys.executable, "-m", "examples.demo", "--host", "127.0.0.1", "--port", "0"),
-            *("--traffic-rps", "20", "--duration", "120"),
+            *("--traffic-rps", "20", "--duration", "120", "--raw-spans"),
         ],
         cwd=ROOT,
         env=env,
@@ -448,8 +448,8 @@ def test_exemplars_carry_trace_ids_of_the_demo_s_spans(
                 trace_id = exemplar["labels"]["trace_id"]
                 assert TRACE_ID.match(trace_id), exemplar
                 trace_ids.add(trace_id)
-        # The demo prints each span as "[span] <trace id> <span id> ..." when
-        # its batch processor flushes (every 5 s).
+        # With --raw-spans the demo prints each span as "[span] <trace id> <span id> ..."
+        # as it ends.
         output = demo.output()
         return any(f"[span] {trace_id} " in output for trace_id in trace_ids)
 
