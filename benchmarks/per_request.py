@@ -15,7 +15,7 @@ import typing as t
 from collections.abc import Callable
 
 from . import apps
-from .harness import make_runner
+from .apps import make_runner
 
 WARMUP_REQUESTS = 500
 

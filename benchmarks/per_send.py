@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from blinker import Namespace
 
-from .harness import make_runner
+from .apps import make_runner
 
 RECEIVER_COUNTS = (0, 1, 3, 10)
 BENCHMARKS = [("bare", n) for n in RECEIVER_COUNTS] + [("sigtrace-metrics", 0)]
