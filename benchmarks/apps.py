@@ -41,24 +41,21 @@ MODES: dict[str, str] = {
 
 SIGNUP_PATH = "/signup/alice"
 SIGNAL_NAME = "user-signed-up"
+_SIGNUP = frozenset({"signup", SIGNAL_NAME})
+
+
+def receiver(name: str) -> Callable[..., None]:
+    """A receiver that does nothing, named ``name`` (one metric child per name)."""
+
+    def receive(sender: t.Any, **kwargs: t.Any) -> None:
+        return None
+
+    receive.__qualname__ = receive.__name__ = name
+    return receive
+
 
 user_signed_up = Namespace().signal(SIGNAL_NAME)
-_calls = {"emails": 0, "users": 0, "audit": 0}
-
-
-def send_welcome_email(sender: t.Any, **kwargs: t.Any) -> None:
-    _calls["emails"] += 1
-
-
-def count_user(sender: t.Any, **kwargs: t.Any) -> None:
-    _calls["users"] += 1
-
-
-def write_audit_log(sender: t.Any, **kwargs: t.Any) -> None:
-    _calls["audit"] += 1
-
-
-RECEIVERS: tuple[Callable[..., None], ...] = (send_welcome_email, count_user, write_audit_log)
+RECEIVERS = tuple(receiver(n) for n in ("send_welcome_email", "count_user", "write_audit_log"))
 
 
 class NullSpanExporter(SpanExporter):
@@ -100,6 +97,28 @@ def make_runner(module: str) -> tuple[pyperf.Runner, Callable[[], float]]:
     return runner, CLOCKS[clock]
 
 
+class Timed:
+    """A pyperf time function: ``setup()`` at the first call in a worker, then ``run(loops)``
+    timed with ``clock``."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock, self.ready = clock, False
+
+    def __call__(self, loops: int) -> float:
+        if not self.ready:
+            self.setup()
+            self.ready = True
+        started = self.clock()
+        self.run(loops)
+        return self.clock() - started
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def run(self, n: int) -> None:
+        raise NotImplementedError
+
+
 def use_multiprocess_dir() -> str:
     """Point ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory removed at exit, unless set.
 
@@ -121,6 +140,7 @@ class Mode:
     app: flask.Flask
     spans: tuple[TracerProvider, NullSpanExporter, int] | None = None  # per request
     samples: dict[str, int] = field(default_factory=dict)  # sample name -> per request
+    of: t.AbstractSet[str] = _SIGNUP  # label values the samples are counted for
 
     def check(self, requests: int) -> None:
         """Raise unless the mode recorded exactly what ``requests`` requests should make.
@@ -136,7 +156,7 @@ class Mode:
             got["spans"], want["spans"] = exporter.count, per_request * requests
         deadline = time.monotonic() + 5  # multiprocess values may be published periodically
         while self.samples:
-            got.update(scrape(self.app, self.samples))
+            got.update(scrape(self.app, self.samples, self.of))
             if got == want or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -147,19 +167,24 @@ class Mode:
 
 
 def scrape(
-    app: flask.Flask, names: t.Iterable[str], of: t.AbstractSet[str] = {"signup", SIGNAL_NAME}
+    app: flask.Flask, names: t.Iterable[str], of: t.AbstractSet[str] = _SIGNUP
 ) -> dict[str, float]:
-    """Sum the samples named ``names`` with a label value in ``of`` in a scrape of ``/metrics``.
-
-    By default those of the signup endpoint and the signup signal.
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """:func:`count_samples` in a scrape of the app's ``/metrics``."""
     response = app.test_client().get("/metrics")
     if response.status_code != 200:
         raise RuntimeError(f"/metrics answered {response.status}")
+    return count_samples(response.get_data(as_text=True), names, of)
+
+
+def count_samples(
+    text: str, names: t.Iterable[str], of: t.AbstractSet[str] = _SIGNUP
+) -> dict[str, float]:
+    """Sum the samples named ``names`` with a label value in ``of`` (default: the signup
+    endpoint's and the signup signal's) in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     totals = dict.fromkeys(names, 0.0)
-    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name in totals and of & set(s.labels.values()):
                 totals[s.name] += s.value
@@ -231,6 +256,11 @@ def build(mode: str) -> Mode:
 
         FlaskInstrumentor().instrument_app(app)  # type: ignore[no-untyped-call]
     return Mode(mode, app, spans, samples)
+
+
+def wsgi_app() -> flask.Flask:
+    """gunicorn's ``benchmarks.apps:wsgi_app()``: ``BENCH_MODE``, built in each worker."""
+    return build(os.environ["BENCH_MODE"]).app
 
 
 def _floor() -> Mode:

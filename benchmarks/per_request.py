@@ -15,7 +15,6 @@ import typing as t
 from collections.abc import Callable
 
 from . import apps
-from .apps import make_runner
 
 WARMUP_REQUESTS = 500
 
@@ -25,25 +24,21 @@ def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> None:
         raise RuntimeError(f"unexpected status {status}")
 
 
-class Requests:
-    """pyperf's time function for one mode: ``loops`` requests, their wall-clock time."""
+class Requests(apps.Timed):
+    """``n`` requests to the signup app in ``mode``."""
 
     def __init__(self, mode: str, clock: Callable[[], float]) -> None:
-        self.mode, self.clock = mode, clock
-        self.app: t.Any = None
+        super().__init__(clock)
+        self.mode = mode
 
-    def __call__(self, loops: int) -> float:
-        if self.app is None:  # the first call in this worker process: set up, check
-            from werkzeug.test import EnvironBuilder
+    def setup(self) -> None:
+        from werkzeug.test import EnvironBuilder
 
-            built = apps.build(self.mode)
-            self.app = built.app
-            self.environ = EnvironBuilder(path=apps.SIGNUP_PATH).get_environ()
-            self.run(WARMUP_REQUESTS)
-            built.check(WARMUP_REQUESTS)
-        started = self.clock()
-        self.run(loops)
-        return self.clock() - started
+        built = apps.build(self.mode)
+        self.app: t.Any = built.app
+        self.environ = EnvironBuilder(path=apps.SIGNUP_PATH).get_environ()
+        self.run(WARMUP_REQUESTS)
+        built.check(WARMUP_REQUESTS)
 
     def run(self, n: int) -> None:
         app, environ = self.app, self.environ
@@ -55,7 +50,7 @@ class Requests:
 
 
 def main() -> None:
-    runner, clock = make_runner("benchmarks.per_request")
+    runner, clock = apps.make_runner("benchmarks.per_request")
     for mode in apps.MODES:
         runner.bench_time_func(f"request {mode}", Requests(mode, clock))
 

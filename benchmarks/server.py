@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import typing as t
+import urllib.request
 from pathlib import Path
 
 from . import apps
@@ -32,6 +33,7 @@ from . import apps
 MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 8
+COMMAND = ["-m", "gunicorn", "-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,18 +55,7 @@ class Gunicorn:
         )
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                "benchmarks/gunicorn_conf.py",
-                "benchmarks.wsgi:app",
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, *COMMAND], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=self.log
         )
 
     def get(self, path: str) -> tuple[int, bytes]:
@@ -105,12 +96,7 @@ class Gunicorn:
         if self.mode not in name:
             return None
         sample = f"{name[self.mode]}_http_request_duration_seconds_count"
-        _, body = self.get("/metrics")
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in body.decode().splitlines()
-            if line.startswith(sample + "{") and "signup" in line
-        )
+        return apps.count_samples(self.get("/metrics")[1].decode(), [sample])[sample]
 
     def stop(self) -> None:
         self.proc.terminate()  # the master stops its workers
@@ -133,51 +119,31 @@ def _children(pid: int) -> list[int]:
 
 def _wrk(port: int, seconds: float) -> tuple[int, int]:
     """(responses, errors) from ``wrk`` run for ``seconds``."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{CONNECTIONS}",
-            f"-d{max(1, round(seconds))}s",
-            "--timeout",
-            "2s",
-            f"http://127.0.0.1:{port}{apps.SIGNUP_PATH}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout
+    url = f"http://127.0.0.1:{port}{apps.SIGNUP_PATH}"
+    args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout=2s", url]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
     done = re.search(r"(\d+) requests in", out)
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    socket_errors = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
-    )
     if done is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
-    errors = int(bad.group(1)) if bad else 0
-    errors += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
-    return int(done.group(1)), errors
+    # "Non-2xx or 3xx responses: N", "Socket errors: connect N, read N, write N, timeout N"
+    errors = re.findall(r"(?:responses:|connect|read|write|timeout) (\d+)", out)
+    return int(done.group(1)), sum(int(n) for n in errors)
 
 
 def _python_load(port: int, seconds: float) -> tuple[int, int]:
-    """(responses, errors) from threads of ``http.client`` (a new connection per request:
-    gunicorn's sync workers close it after each response)."""
-    deadline = time.monotonic() + seconds
+    """(responses, errors) from threads of ``urllib`` (sync workers close each connection)."""
+    deadline, url = time.monotonic() + seconds, f"http://127.0.0.1:{port}{apps.SIGNUP_PATH}"
     counts = [[0, 0] for _ in range(CONNECTIONS)]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
 
     def client(count: list[int]) -> None:
         while time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             try:
-                conn.request("GET", apps.SIGNUP_PATH)
-                response = conn.getresponse()
-                response.read()
-                count[response.status != 200] += 1
-            except (OSError, http.client.HTTPException):
+                with opener.open(url, timeout=5) as response:
+                    response.read()
+                    count[0] += 1
+            except OSError:  # HTTPError (non-2xx) included
                 count[1] += 1
-            finally:
-                conn.close()
 
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in counts]
     for thread in threads:
