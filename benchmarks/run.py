@@ -48,12 +48,13 @@ def _stats(suite: pyperf.BenchmarkSuite, name: str) -> Stats:
     return bench.mean(), std, bench.median()
 
 
-def _us(x: float) -> str:
-    return f"{x * 1e6:.1f}" if x >= 1e-5 else f"{x * 1e6:.2f}"
+def _us(x: float, like: float | None = None) -> str:
+    """µs, with 1 decimal from 10 µs on (2 below), or as many as ``like`` gets."""
+    return f"{x * 1e6:.{1 if (like if like is not None else x) >= 1e-5 else 2}f}"
 
 
 def _pm(s: Stats) -> str:
-    return f"{_us(s[0])} ± {_us(s[1])}"
+    return f"{_us(s[0])} ± {_us(s[1], s[0])}"
 
 
 def _md(header: str, rows: t.Iterable[t.Sequence[t.Any]]) -> list[str]:
@@ -117,8 +118,12 @@ def machine() -> str:
     ).stdout.strip()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES.split())
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = models[0] if models else platform.machine()
     return (
-        f"commit {commit or '?'}; {platform.processor() or platform.machine()}, "
+        f"commit {commit or '?'}; {cpu}, "
         f"{os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}; {versions}; load average {load}"
     )
