@@ -119,19 +119,6 @@ class Timed:
         raise NotImplementedError
 
 
-def use_multiprocess_dir() -> str:
-    """Point ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory removed at exit, unless set.
-
-    (The real-server run sets it for all of gunicorn's workers.)
-    """
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    path = tempfile.mkdtemp(prefix="sigtrace-bench-mp-")
-    atexit.register(shutil.rmtree, path, True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
-
-
 @dataclass
 class Mode:
     """One mode's app, and what it must record per request (checked before timing)."""
@@ -156,7 +143,8 @@ class Mode:
             got["spans"], want["spans"] = exporter.count, per_request * requests
         deadline = time.monotonic() + 5  # multiprocess values may be published periodically
         while self.samples:
-            got.update(scrape(self.app, self.samples, self.of))
+            response = self.app.test_client().get("/metrics")  # a real scrape
+            got.update(count_samples(response.get_data(as_text=True), self.samples, self.of))
             if got == want or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -164,16 +152,6 @@ class Mode:
             raise RuntimeError(
                 f"{self.name}: recorded {got} after {requests} requests, want {want}"
             )
-
-
-def scrape(
-    app: flask.Flask, names: t.Iterable[str], of: t.AbstractSet[str] = _SIGNUP
-) -> dict[str, float]:
-    """:func:`count_samples` in a scrape of the app's ``/metrics``."""
-    response = app.test_client().get("/metrics")
-    if response.status_code != 200:
-        raise RuntimeError(f"/metrics answered {response.status}")
-    return count_samples(response.get_data(as_text=True), names, of)
 
 
 def count_samples(
@@ -223,8 +201,10 @@ def build(mode: str) -> Mode:
     """Set up ``mode`` in this process (see :data:`MODES`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
-    if mode.endswith("-mp"):
-        use_multiprocess_dir()
+    if mode.endswith("-mp") and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # A fresh directory, removed at exit (the real-server run sets one for all workers).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="sigtrace-mp-")
+        atexit.register(shutil.rmtree, path, True)
     if mode == "floor":
         return _floor()
     spans = None

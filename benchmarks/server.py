@@ -13,6 +13,7 @@ whole-machine figure and the CPU time the steadier one).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -28,13 +29,14 @@ import typing as t
 import urllib.request
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
+
 from . import apps
 
 MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 8
 COMMAND = ["-m", "gunicorn", "-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -80,23 +82,19 @@ class Gunicorn:
 
     def worker_cpu(self) -> float:
         """CPU seconds (user + system) used so far by the master's worker processes."""
-        total = 0
-        for pid in _children(self.proc.pid):
-            try:
-                with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-            except (OSError, IndexError):
-                continue  # exited meanwhile
-        return total / _TICKS
+        total = 0.0
+        for worker in psutil.Process(self.proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
+                total += sum(worker.cpu_times()[:2])
+        return total
 
-    def counted(self) -> float | None:
+    def counted(self) -> int | None:
         """Signup requests in a scrape of ``/metrics`` (every worker's, summed), or None."""
         name = {"pfe-mp": "flask", "sigtrace-metrics-mp": "sigtrace", "sigtrace-full": "sigtrace"}
         if self.mode not in name:
             return None
         sample = f"{name[self.mode]}_http_request_duration_seconds_count"
-        return apps.count_samples(self.get("/metrics")[1].decode(), [sample])[sample]
+        return int(apps.count_samples(self.get("/metrics")[1].decode(), [sample])[sample])
 
     def stop(self) -> None:
         self.proc.terminate()  # the master stops its workers
@@ -107,14 +105,6 @@ class Gunicorn:
             self.proc.wait(timeout=5)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _wrk(port: int, seconds: float) -> tuple[int, int]:
