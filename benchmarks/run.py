@@ -1,14 +1,8 @@
-"""The benchmarks' one entry point: run the sections, print one table each.
+"""The one entry point: ``python -m benchmarks.run [--quick] [--only ...] [--clock wall]``.
 
-    python -m benchmarks.run            # full run
-    python -m benchmarks.run --quick    # a minute or two
-    python -m benchmarks.run --only per-send,per-request --clock wall
-
-``per-send`` and ``per-request`` are pyperf scripts (``benchmarks/per_send.py``,
-``benchmarks/per_request.py``) run as subprocesses; their pyperf JSON files
-are kept in ``--results-dir`` (``python -m pyperf show/stats/compare_to`` read
-them). ``server`` is the real-server load run. The tables (markdown) are
-printed and written to ``summary.md`` there too.
+Runs the pyperf scripts ``benchmarks/per_send.py`` and ``per_request.py`` (their
+JSON files stay in ``--results-dir``, for ``python -m pyperf show|compare_to``)
+and the real-server run, prints markdown tables and writes ``summary.md``.
 """
 
 from __future__ import annotations

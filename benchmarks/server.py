@@ -1,14 +1,9 @@
-"""Real-server run: gunicorn serving the signup app under load, bounded in time.
+"""Real-server run, small and hand-made: gunicorn serving the signup app under load.
 
-Hand-made, not pyperf: a load run is a few seconds against a server, not a
-function timed in a loop. gunicorn runs as the README tells users to: 2 sync
-workers, ``PROMETHEUS_MULTIPROC_DIR`` set to a fresh directory, sigtrace's
-hooks (``benchmarks/gunicorn_conf.py``), prometheus-flask-exporter with its own
-gunicorn class as the peer. Load comes from another process on 127.0.0.1:
-``wrk`` when installed (Debian's package), else threads of ``http.client``.
-Reported: requests/second, and the gunicorn workers' CPU time per request
-(from ``/proc``; on 2 cores the load generator shares the CPU, so req/s is a
-whole-machine figure and the CPU time the steadier one).
+As the README tells users to run it: 2 sync workers, ``PROMETHEUS_MULTIPROC_DIR``
+a fresh directory, sigtrace's hooks; prometheus-flask-exporter with its own
+gunicorn class as the peer (``benchmarks/gunicorn_conf.py``). Load from
+another process on 127.0.0.1: ``wrk`` when installed, else threads of urllib.
 """
 
 from __future__ import annotations
