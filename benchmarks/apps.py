@@ -36,6 +36,7 @@ MODES: dict[str, str] = {
     "sigtrace-metrics": "`SigTrace(app)`, `SIGTRACE_TRACING=false`",
     "sigtrace-metrics-mp": "the same, multiprocess (`PROMETHEUS_MULTIPROC_DIR` set)",
     "sigtrace-full": "`SigTrace(app)`, metrics and spans (request, signal, 3 receivers)",
+    "sigtrace-full-mp": "the same, multiprocess",
 }
 """Per-request modes, in table order; ``-mp``: multiprocess metrics."""
 
@@ -208,10 +209,10 @@ def build(mode: str) -> Mode:
     if mode == "floor":
         return _floor()
     spans = None
-    if mode in ("otel", "otel+pfe", "sigtrace-full"):
+    tracing = mode.startswith("sigtrace-full")
+    if tracing or mode.startswith("otel"):
         provider, exporter = tracer_provider()
-        spans = (provider, exporter, 5 if mode == "sigtrace-full" else 1)
-    tracing = mode == "sigtrace-full"
+        spans = (provider, exporter, 5 if tracing else 1)
     app = create_signup_app(config={"SIGTRACE_TRACING": tracing})
     samples: dict[str, int] = {}
     if mode in ("pfe", "otel+pfe"):

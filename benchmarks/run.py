@@ -76,8 +76,9 @@ def per_request_table(suite: pyperf.BenchmarkSuite) -> str:
     ratios = [
         _ratio("sigtrace metrics-only / pfe", o["sigtrace-metrics"], o["pfe"], 0.5),
         _ratio("the same, multiprocess", o["sigtrace-metrics-mp"], o["pfe-mp"], 0.5),
-        _ratio("sigtrace multiprocess / one process",
+        _ratio("sigtrace multiprocess / one process, metrics only",
                o["sigtrace-metrics-mp"], o["sigtrace-metrics"], 1.5),
+        _ratio("the same, metrics and spans", o["sigtrace-full-mp"], o["sigtrace-full"], 1.5),
         _ratio("sigtrace full / floor", o["sigtrace-full"], o["floor"], 1.25),
         _ratio("sigtrace full / otel+pfe", o["sigtrace-full"], o["otel+pfe"], None),
     ]  # fmt: skip

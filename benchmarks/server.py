@@ -28,7 +28,7 @@ import psutil  # type: ignore[import-untyped]
 
 from . import apps
 
-MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full")
+MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 8
 COMMAND = ["-m", "gunicorn", "-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
@@ -85,10 +85,10 @@ class Gunicorn:
 
     def counted(self) -> int | None:
         """Signup requests in a scrape of ``/metrics`` (every worker's, summed), or None."""
-        name = {"pfe-mp": "flask", "sigtrace-metrics-mp": "sigtrace", "sigtrace-full": "sigtrace"}
-        if self.mode not in name:
+        if self.mode == "bare":
             return None
-        sample = f"{name[self.mode]}_http_request_duration_seconds_count"
+        prefix = "flask" if self.mode.startswith("pfe") else "sigtrace"
+        sample = f"{prefix}_http_request_duration_seconds_count"
         return int(apps.count_samples(self.get("/metrics")[1].decode(), [sample])[sample])
 
     def stop(self) -> None:

@@ -64,7 +64,7 @@ def test_server_run_serves_every_mode_without_errors(tmp_path: Path) -> None:
     _run(tmp_path, "server")
 
     result = json.loads((tmp_path / "server.json").read_text())
-    assert set(result["modes"]) == {"bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full"}
+    assert set(result["modes"]) == {"bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp"}
     for mode, entry in result["modes"].items():
         assert entry["errors"] == 0, mode
         assert entry["median_rps"] > 0 and entry["median_cpu_us"] > 0, mode
