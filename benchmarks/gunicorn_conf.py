@@ -10,7 +10,7 @@ import typing as t
 
 mode = os.environ["BENCH_MODE"]
 if mode.startswith("sigtrace"):
-    from sigtrace.gunicorn import child_exit, when_ready  # noqa: F401
+    from sigtrace.gunicorn import *  # noqa: F403 (every hook it has, as the README lists)
 elif mode.startswith("pfe"):
     from prometheus_flask_exporter.multiprocess import (  # type: ignore[import-untyped]
         GunicornInternalPrometheusMetrics,
