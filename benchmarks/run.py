@@ -25,26 +25,30 @@ from . import apps, per_send, server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("per-send", "per-request", "server")
-PYPERF_ARGS = {  # per speed: pyperf's own options
-    "full": ["--processes", "10", "--values", "3"],
-    "quick": ["--processes", "1", "--values", "3", "--min-time", "0.05"],
-    "smoke": ["--debug-single-value"],  # one value per benchmark: proves it runs, no more
+# Per speed: passes, and pyperf's options for each. Every pass runs every benchmark
+# and appends to the same file, so each mode's values come from the whole run, not
+# from the minutes it happened to run in (the load on a shared machine drifts).
+PYPERF = {
+    "full": (4, ["--processes", "3", "--values", "3"]),
+    "quick": (1, ["--processes", "1", "--values", "3", "--min-time", "0.05"]),
+    "smoke": (1, ["--debug-single-value"]),  # one value per benchmark: it runs, no more
 }
 SERVER = {"full": (5.0, 3), "quick": (2.0, 1), "smoke": (1.0, 1)}  # seconds, rounds
 PACKAGES = "flask blinker opentelemetry-sdk prometheus-client prometheus-flask-exporter gunicorn"
 
-Stats = tuple[float, float, float]  # mean, std, median (seconds)
+Stats = tuple[float, float, float, float]  # mean, std, median, standard error (seconds)
 
 
 def _stats(suite: pyperf.BenchmarkSuite, name: str) -> Stats:
     bench = suite.get_benchmark(name)
-    std = bench.stdev() if len(bench.get_values()) > 1 else 0.0
-    return bench.mean(), std, bench.median()
+    n = len(bench.get_values())
+    std = bench.stdev() if n > 1 else 0.0
+    return bench.mean(), std, bench.median(), std / math.sqrt(n)
 
 
 def _us(x: float, like: float | None = None) -> str:
     """µs, with 1 decimal from 10 µs on (2 below), or as many as ``like`` gets."""
-    return f"{x * 1e6:.{1 if (like if like is not None else x) >= 1e-5 else 2}f}"
+    return f"{x * 1e6:.{1 if abs(like if like is not None else x) >= 1e-5 else 2}f}"
 
 
 def _pm(s: Stats) -> str:
@@ -61,6 +65,8 @@ def _md(header: str, rows: t.Iterable[t.Sequence[t.Any]]) -> list[str]:
 def _ratio(label: str, top: Stats, bottom: Stats, target: float | None) -> list[str]:
     mean = top[0] / bottom[0]
     verdict = "" if target is None else (" ✓" if mean <= target else " ✗")
+    if abs(top[0]) < 2 * top[3] or abs(bottom[0]) < 2 * bottom[3]:
+        verdict = " (noise)"  # an overhead within two standard errors of zero
     goal = "-" if target is None else f"≤ {target}"
     return [label, f"**{mean:.2f}**{verdict}", f"{top[2] / bottom[2]:.2f}", goal]
 
@@ -69,9 +75,11 @@ def per_request_table(suite: pyperf.BenchmarkSuite) -> str:
     s = {mode: _stats(suite, f"request {mode}") for mode in apps.MODES}
     # Overheads over bare: difference of means (and of medians); the std as for
     # the difference of two independent values.
-    o = {m: (v[0] - s["bare"][0], math.hypot(v[1], s["bare"][1]), v[2] - s["bare"][2])
+    b = s["bare"]
+    o = {m: (v[0] - b[0], math.hypot(v[1], b[1]), v[2] - b[2], math.hypot(v[3], b[3]))
          for m, v in s.items()}  # fmt: skip
-    rows = [(f"`{m}`: {what}", _pm(s[m]), _us(s[m][2]), "-" if m == "bare" else f"+{_pm(o[m])}")
+    over = {m: f"{v[0] * 1e6:+.1f} ± {v[1] * 1e6:.1f}" for m, v in o.items()}
+    rows = [(f"`{m}`: {what}", _pm(s[m]), _us(s[m][2]), "-" if m == "bare" else over[m])
             for m, what in apps.MODES.items()]  # fmt: skip
     ratios = [
         _ratio("sigtrace metrics-only / pfe", o["sigtrace-metrics"], o["pfe"], 0.5),
@@ -125,9 +133,13 @@ def machine() -> str:
 
 
 def _pyperf(module: str, out: Path, speed: str, clock: str) -> pyperf.BenchmarkSuite:
-    out.unlink(missing_ok=True)  # pyperf refuses to overwrite its output
-    args = [*PYPERF_ARGS[speed], "--clock", clock, "--quiet", "-o", str(out)]
-    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO_ROOT, check=True)
+    out.unlink(missing_ok=True)
+    passes, options = PYPERF[speed]
+    for _ in range(passes):
+        args = [*options, "--clock", clock, "--quiet", "--append", str(out)]
+        subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO_ROOT, check=True
+        )
     return pyperf.BenchmarkSuite.load(str(out))
 
 
@@ -136,7 +148,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         "python -m benchmarks.run", None, __doc__, formatter_class=formatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 process x 3 values per benchmark")
+    parser.add_argument("--quick", action="store_true", help="1 pass, 1 process x 3 values each")
     parser.add_argument("--smoke", action="store_true", help="1 value per benchmark (the test)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"from {', '.join(SECTIONS)}")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="default: cpu")
