@@ -256,6 +256,8 @@ def _floor() -> Mode:
 
     provider, exporter = tracer_provider()
     tracer = provider.get_tracer("floor")
+    # By hand, not start_as_current_span: its context-manager machinery is a cost
+    # of that API, not of making the spans, and the floor must not carry it.
     attach, detach, in_context = context.attach, context.detach, trace.set_span_in_context
 
     def send(sender: t.Any, **kwargs: t.Any) -> t.Any:
