@@ -1,212 +1,268 @@
 """The benchmarked app and the instrumentation modes it runs under.
 
 One app for every mode: ``GET /signup/<name>`` sends the custom blinker signal
-``user-signed-up`` with three trivial receivers (the seed's signup route, with
-receivers that do almost nothing so that the instrumentation is what is
-measured). :func:`build` sets up one mode; call it once per process, since the
-instrumentations patch process-wide state.
+``user-signed-up`` to three receivers (the demo's signup route, with receivers
+that do almost nothing, so that the instrumentation is what is measured).
+:func:`build` sets up one mode; call it once per process, since the
+instrumentations patch process-wide state, and before anything imports
+``prometheus_client`` (it reads ``PROMETHEUS_MULTIPROC_DIR`` at import).
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+import time
 import typing as t
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import flask
+import pyperf  # type: ignore[import-untyped]
 from blinker import Namespace
-from prometheus_client import CollectorRegistry
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-from . import sdk
-
-__all__ = ["MODES", "ModeState", "build", "create_signup_app", "user_signed_up"]
-
-MODES: tuple[str, ...] = (
-    "bare",
-    "pfe",
-    "otel",
-    "otel+pfe",
-    "floor",
-    "sigtrace-metrics",
-    "sigtrace-full",
-)
-"""Per-request modes, in table order (see the README for what each one is)."""
+MODES: dict[str, str] = {
+    "bare": "Flask alone",
+    "pfe": 'prometheus-flask-exporter, `PrometheusMetrics(app, group_by="endpoint")`',
+    "pfe-mp": "prometheus-flask-exporter, multiprocess: `GunicornInternalPrometheusMetrics`",
+    "otel": "opentelemetry-instrumentation-flask, SDK provider, batch processor, null exporter",
+    "otel+pfe": "both peers together",
+    "floor": "the five spans sigtrace makes, made by hand with the SDK, nothing else",
+    "sigtrace-metrics": "`SigTrace(app)`, `SIGTRACE_TRACING=false`",
+    "sigtrace-metrics-mp": "the same, multiprocess (`PROMETHEUS_MULTIPROC_DIR` set)",
+    "sigtrace-full": "`SigTrace(app)`, metrics and spans (request, signal, 3 receivers)",
+    "sigtrace-full-mp": "the same, multiprocess",
+}
+"""Per-request modes, in table order; ``-mp``: multiprocess metrics."""
 
 SIGNUP_PATH = "/signup/alice"
 SIGNAL_NAME = "user-signed-up"
-
-_signals = Namespace()
-user_signed_up = _signals.signal(SIGNAL_NAME)
-
-_state = {"users": 0, "emails": 0, "audit": 0}
+_SIGNUP = frozenset({"signup", SIGNAL_NAME})
 
 
-def send_welcome_email(sender: t.Any, **kwargs: t.Any) -> None:
-    _state["emails"] += 1
+def receiver(name: str) -> Callable[..., None]:
+    """A receiver that does nothing, named ``name`` (one metric child per name)."""
+
+    def receive(sender: t.Any, **kwargs: t.Any) -> None:
+        return None
+
+    receive.__qualname__ = receive.__name__ = name
+    return receive
 
 
-def count_user(sender: t.Any, **kwargs: t.Any) -> None:
-    _state["users"] += 1
+user_signed_up = Namespace().signal(SIGNAL_NAME)
+RECEIVERS = tuple(receiver(n) for n in ("send_welcome_email", "count_user", "write_audit_log"))
 
 
-def write_audit_log(sender: t.Any, **kwargs: t.Any) -> None:
-    _state["audit"] += 1
+class NullSpanExporter(SpanExporter):
+    """Drops spans after counting them: the cost measured is the SDK's, never a network's."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
 
 
-RECEIVERS: tuple[Callable[..., None], ...] = (send_welcome_email, count_user, write_audit_log)
+def tracer_provider() -> tuple[TracerProvider, NullSpanExporter]:
+    """The global SDK provider (always on, batch processor), set before any instrumentation."""
+    exporter = NullSpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider, exporter
 
-Send = Callable[..., list[tuple[t.Any, t.Any]]]
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def make_runner(module: str) -> tuple[pyperf.Runner, Callable[[], float]]:
+    """pyperf's runner for ``python -m module``, and the clock (``--clock``) its workers use.
+
+    ``cpu``: the process's CPU time, all threads included (the span processor's
+    too); a process waiting for a core accrues none, so on a shared machine it
+    moves much less with other load than ``wall`` (``perf_counter``) does.
+    """
+    runner = pyperf.Runner(
+        program_args=("-m", module),
+        add_cmdline_args=lambda cmd, args: cmd.extend(("--clock", args.clock)),
+    )
+    runner.argparser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
+    runner.metadata["clock"] = clock = runner.parse_args().clock
+    return runner, CLOCKS[clock]
+
+
+class Timed:
+    """A pyperf time function: ``setup()`` at the first call in a worker, then ``run(loops)``
+    timed with ``clock``."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock, self.ready = clock, False
+
+    def __call__(self, loops: int) -> float:
+        if not self.ready:
+            self.setup()
+            self.ready = True
+        started = self.clock()
+        self.run(loops)
+        return self.clock() - started
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def run(self, n: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Mode:
+    """One mode's app, and what it must record per request (checked before timing)."""
+
+    name: str
+    app: flask.Flask
+    spans: tuple[TracerProvider, NullSpanExporter, int] | None = None  # per request
+    samples: dict[str, int] = field(default_factory=dict)  # sample name -> per request
+    of: t.AbstractSet[str] = _SIGNUP  # label values the samples are counted for
+
+    def check(self, requests: int) -> None:
+        """Raise unless the mode recorded exactly what ``requests`` requests should make.
+
+        Read from a real scrape of the app's ``/metrics`` and from the span
+        exporter: a mode that silently recorded nothing would be cheap, and wrong.
+        """
+        want = {name: per_request * requests for name, per_request in self.samples.items()}
+        got: dict[str, float] = {}
+        if self.spans:  # first: a scrape makes a span in the otel modes
+            provider, exporter, per_request = self.spans
+            provider.force_flush()
+            got["spans"], want["spans"] = exporter.count, per_request * requests
+        deadline = time.monotonic() + 5  # multiprocess values may be published periodically
+        while self.samples:
+            response = self.app.test_client().get("/metrics")  # a real scrape
+            got.update(count_samples(response.get_data(as_text=True), self.samples, self.of))
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if got != want:
+            raise RuntimeError(
+                f"{self.name}: recorded {got} after {requests} requests, want {want}"
+            )
+
+
+def count_samples(
+    text: str, names: t.Iterable[str], of: t.AbstractSet[str] = _SIGNUP
+) -> dict[str, float]:
+    """Sum the samples named ``names`` with a label value in ``of`` (default: the signup
+    endpoint's and the signup signal's) in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in totals and of & set(s.labels.values()):
+                totals[s.name] += s.value
+    return totals
 
 
 def create_signup_app(
-    *,
-    send: Send | None = None,
-    wrap_receiver: Callable[[Callable[..., None]], Callable[..., None]] | None = None,
+    send: Callable[..., t.Any] | None = None,
+    wrap: Callable[[Callable[..., None]], Callable[..., None]] = lambda r: r,
     config: dict[str, t.Any] | None = None,
 ) -> flask.Flask:
-    """The signup app; ``send`` and ``wrap_receiver`` let the floor mode add spans by hand."""
+    """The signup app; ``send`` and ``wrap`` let the floor mode add its spans by hand."""
     app = flask.Flask("signup")
     app.config.update(config or {})
     for receiver in RECEIVERS:
-        # weak=False: the floor mode's wrappers have no other owner.
-        user_signed_up.connect(wrap_receiver(receiver) if wrap_receiver else receiver, weak=False)
+        user_signed_up.connect(wrap(receiver), weak=False)  # the floor's wrappers have no owner
 
     @app.get("/signup/<name>")
     def signup(name: str) -> str:
         sender = flask.current_app._get_current_object()  # type: ignore[attr-defined]
-        if send is None:
-            # Looked up at each call, never bound early: sigtrace patches Signal.send later.
-            user_signed_up.send(sender, name=name)
-        else:
-            send(sender, name=name)
+        # Looked up at each call: sigtrace patches Signal.send after the app is made.
+        (send or user_signed_up.send)(sender, name=name)
         return f"welcome {name}\n"
 
     return app
 
 
-class ModeState:
-    """One mode's app and what it records (for the sanity columns of the tables)."""
-
-    def __init__(
-        self,
-        mode: str,
-        app: flask.Flask,
-        spans: sdk.NullSpanExporter | None = None,
-        provider: t.Any = None,
-        registry: CollectorRegistry | None = None,
-        request_samples: Sequence[str] = (),
-    ) -> None:
-        self.mode = mode
-        self.app = app
-        self.spans = spans
-        self.provider = provider
-        self.registry = registry
-        self.request_samples = tuple(request_samples)
-
-    def spans_exported(self) -> int | None:
-        """Spans that reached the exporter so far (after a flush), or None without tracing."""
-        if self.spans is None:
-            return None
-        self.provider.force_flush()
-        return self.spans.count
-
-    def requests_recorded(self) -> int | None:
-        """Requests the mode's Prometheus metrics counted, or None without them."""
-        return self._count(self.request_samples)
-
-    def receivers_recorded(self) -> int | None:
-        """Receiver calls sigtrace's metrics counted, or None for other modes."""
-        if not self.mode.startswith("sigtrace"):
-            return None
-        return self._count(("sigtrace_receiver_duration_seconds_count",))
-
-    def _count(self, names: Sequence[str]) -> int | None:
-        if self.registry is None:
-            return None
-        total = 0.0
-        for family in self.registry.collect():
-            for s in family.samples:
-                if s.name in names:
-                    total += s.value
-        return int(total)
+_PFE = {"flask_http_request_duration_seconds_count": 1}
+_SIGTRACE = {
+    "sigtrace_http_request_duration_seconds_count": 1,
+    "sigtrace_receiver_duration_seconds_count": len(RECEIVERS),
+}
 
 
-def _pfe(app: flask.Flask) -> CollectorRegistry:
-    from prometheus_flask_exporter import PrometheusMetrics  # type: ignore[import-untyped]
-
-    registry = CollectorRegistry()
-    PrometheusMetrics(app, group_by="endpoint", registry=registry)
-    return registry
-
-
-def _otel(app: flask.Flask, provider: t.Any) -> None:
-    from opentelemetry.instrumentation.flask import FlaskInstrumentor
-
-    FlaskInstrumentor().instrument_app(  # type: ignore[no-untyped-call]
-        app, tracer_provider=provider, meter_provider=sdk.meter_provider()
-    )
-
-
-def build(mode: str) -> ModeState:
-    """Set up ``mode`` in this process and return its app."""
-    if mode == "bare":
-        return ModeState(mode, create_signup_app())
-    if mode == "pfe":
-        app = create_signup_app()
-        return ModeState(mode, app, registry=_pfe(app), request_samples=_PFE_SAMPLES)
-    if mode in ("otel", "otel+pfe"):
-        provider, spans = sdk.tracer_provider(set_global=True)
-        app = create_signup_app()
-        registry = _pfe(app) if mode == "otel+pfe" else None
-        _otel(app, provider)
-        return ModeState(mode, app, spans, provider, registry, _PFE_SAMPLES)
+def build(mode: str) -> Mode:
+    """Set up ``mode`` in this process (see :data:`MODES`)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if mode.endswith("-mp") and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # A fresh directory, removed at exit (the real-server run sets one for all workers).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="sigtrace-mp-")
+        atexit.register(shutil.rmtree, path, True)
     if mode == "floor":
         return _floor()
-    if mode == "sigtrace-metrics":
-        return _sigtrace(mode, tracing=False)
-    if mode == "sigtrace-full":
-        return _sigtrace(mode, tracing=True)
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    spans = None
+    tracing = mode.startswith("sigtrace-full")
+    if tracing or mode.startswith("otel"):
+        provider, exporter = tracer_provider()
+        spans = (provider, exporter, 5 if tracing else 1)
+    app = create_signup_app(config={"SIGTRACE_TRACING": tracing})
+    samples: dict[str, int] = {}
+    if mode in ("pfe", "otel+pfe"):
+        from prometheus_flask_exporter import PrometheusMetrics  # type: ignore[import-untyped]
+
+        PrometheusMetrics(app, group_by="endpoint")
+        samples = _PFE
+    elif mode == "pfe-mp":
+        from prometheus_flask_exporter.multiprocess import (  # type: ignore[import-untyped]
+            GunicornInternalPrometheusMetrics,
+        )
+
+        GunicornInternalPrometheusMetrics(app, group_by="endpoint")
+        samples = _PFE
+    elif mode.startswith("sigtrace"):
+        from sigtrace import SigTrace
+
+        SigTrace(app)
+        samples = _SIGTRACE
+    if mode.startswith("otel"):
+        from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+        FlaskInstrumentor().instrument_app(app)  # type: ignore[no-untyped-call]
+    return Mode(mode, app, spans, samples)
 
 
-_PFE_SAMPLES = ("flask_http_request_duration_seconds_count",)
-_SIGTRACE_SAMPLES = ("sigtrace_http_request_duration_seconds_count",)
+def wsgi_app() -> flask.Flask:
+    """gunicorn's ``benchmarks.apps:wsgi_app()``: ``BENCH_MODE``, built in each worker."""
+    return build(os.environ["BENCH_MODE"]).app
 
 
-def _sigtrace(mode: str, *, tracing: bool) -> ModeState:
-    from sigtrace import SigTrace
-
-    provider = spans = None
-    if tracing:
-        # The global provider is set before SigTrace(app), as an app would.
-        provider, spans = sdk.tracer_provider(set_global=True)
-    app = create_signup_app(config={"SIGTRACE_TRACING": tracing, "SIGTRACE_METRICS": True})
-    registry = CollectorRegistry()
-    SigTrace(app, registry=registry)
-    return ModeState(mode, app, spans, provider, registry, _SIGTRACE_SAMPLES)
-
-
-def _floor() -> ModeState:
+def _floor() -> Mode:
     """The five spans sigtrace makes, made by hand with the SDK and nothing else.
 
-    Request SERVER span (before_request / after_request), the signal span around
-    the send and one span per receiver, each started and made current, with the
-    same attributes sigtrace sets. What sigtrace-full costs beyond this is
-    sigtrace's own overhead (plus its metrics).
+    A request SERVER span (before/after_request), the signal span around the
+    send and one span per receiver, each made current, with sigtrace's
+    attributes: what any design making these spans costs at least.
     """
-    from opentelemetry import context, trace
+    from opentelemetry import context
     from opentelemetry.trace import SpanKind
 
-    provider, spans = sdk.tracer_provider(set_global=True)
+    provider, exporter = tracer_provider()
     tracer = provider.get_tracer("floor")
-    attach, detach = context.attach, context.detach
-    in_context = trace.set_span_in_context
-    signal_attributes = {"blinker.signal.name": SIGNAL_NAME}
+    # By hand, not start_as_current_span: its context-manager machinery is a cost
+    # of that API, not of making the spans, and the floor must not carry it.
+    attach, detach, in_context = context.attach, context.detach, trace.set_span_in_context
 
-    def send(sender: t.Any, **kwargs: t.Any) -> list[tuple[t.Any, t.Any]]:
-        span = tracer.start_span(
-            f"signal {SIGNAL_NAME}",
-            attributes={**signal_attributes, "flask.app.name": sender.name},
-        )
+    def send(sender: t.Any, **kwargs: t.Any) -> t.Any:
+        attributes = {"blinker.signal.name": SIGNAL_NAME, "flask.app.name": sender.name}
+        span = tracer.start_span(f"signal {SIGNAL_NAME}", attributes=attributes)
         token = attach(in_context(span))
         try:
             return user_signed_up.send(sender, **kwargs)
@@ -215,13 +271,12 @@ def _floor() -> ModeState:
             detach(token)
             span.end()
 
-    def wrap_receiver(receiver: Callable[..., None]) -> Callable[..., None]:
+    def wrap(receiver: Callable[..., None]) -> Callable[..., None]:
         name = f"{receiver.__module__}.{receiver.__qualname__}"
-        span_name = f"receiver {name}"
         attributes = {"blinker.signal.name": SIGNAL_NAME, "code.function.name": name}
 
         def traced(sender: t.Any, **kwargs: t.Any) -> None:
-            span = tracer.start_span(span_name, attributes=attributes)
+            span = tracer.start_span(f"receiver {name}", attributes=attributes)
             token = attach(in_context(span))
             try:
                 return receiver(sender, **kwargs)
@@ -231,22 +286,20 @@ def _floor() -> ModeState:
 
         return traced
 
-    app = create_signup_app(send=send, wrap_receiver=wrap_receiver)
+    app = create_signup_app(send, wrap)
 
     @app.before_request
     def start_request_span() -> None:
         request = flask.request
-        rule = request.url_rule
-        route = rule.rule if rule is not None else ""
+        route = request.url_rule.rule if request.url_rule is not None else ""
+        attributes = {
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            "http.route": route,
+        }
         span = tracer.start_span(
-            f"{request.method} {route}",
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": request.method,
-                "url.path": request.path,
-                "url.scheme": request.scheme,
-                "http.route": route,
-            },
+            f"{request.method} {route}", kind=SpanKind.SERVER, attributes=attributes
         )
         flask.g.floor_span = (span, attach(in_context(span)))
 
@@ -258,4 +311,4 @@ def _floor() -> ModeState:
         span.end()
         return response
 
-    return ModeState("floor", app, spans, provider)
+    return Mode("floor", app, (provider, exporter, 5))

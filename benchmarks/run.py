@@ -1,157 +1,187 @@
-"""The benchmark suite's one entry point.
+"""The one entry point: ``python -m benchmarks.run [--quick] [--only ...] [--clock wall]``.
 
-    python -m benchmarks.run            # full run, a few minutes
-    python -m benchmarks.run --quick    # short run, under a minute
-    python -m benchmarks.run --profile  # add cProfile/pyinstrument profiles
-    python -m benchmarks.run --only per-request,per-send
-
-Prints the machine, then one table per section, and writes everything as JSON
-to ``benchmarks/results/`` (gitignored). Sections: ``per-request`` (direct
-WSGI calls, every mode), ``per-send`` (blinker sends, 0/1/3/10 receivers),
-``server`` (gunicorn under wrk), ``profile`` (where the time goes).
+Runs the pyperf scripts ``benchmarks/per_send.py`` and ``per_request.py`` (their
+JSON files stay in ``--results-dir``, for ``python -m pyperf show|compare_to``)
+and the real-server run, prints markdown tables and writes ``summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
+import os
+import platform
+import subprocess
 import sys
 import time
 import typing as t
+from importlib import metadata
 from pathlib import Path
 
-from . import machine, per_request, per_send, profiling, report, server
+import pyperf  # type: ignore[import-untyped]
 
-__all__ = ["Settings", "main"]
+from . import apps, per_send, server
 
-SECTIONS = ("per-request", "per-send", "server", "profile")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("per-send", "per-request", "server")
+# Per speed: passes, and pyperf's options for each. Every pass runs every benchmark
+# and appends to the same file, so each mode's values come from the whole run, not
+# from the minutes it happened to run in (the load on a shared machine drifts).
+PYPERF = {
+    "full": (4, ["--processes", "3", "--values", "3"]),
+    "quick": (1, ["--processes", "1", "--values", "3", "--min-time", "0.05"]),
+    "smoke": (1, ["--debug-single-value"]),  # one value per benchmark: it runs, no more
+}
+SERVER = {"full": (5.0, 3), "quick": (2.0, 1), "smoke": (1.0, 1)}  # seconds, rounds
+PACKAGES = "flask blinker opentelemetry-sdk prometheus-client prometheus-flask-exporter gunicorn"
 
-
-@dataclasses.dataclass
-class Settings:
-    """How long each section runs; ``--quick`` and the flags override the full run."""
-
-    rounds: int = 41
-    requests: int = 500
-    warmup: int = 2000
-    send_rounds: int = 21
-    send_ms: float = 30.0
-    server_seconds: float = 2.0
-    server_rounds: int = 9
-    server_warmup: float = 1.0
-    profile_requests: int = 5000
+Stats = tuple[float, float, float, float]  # mean, std, median, standard error (seconds)
 
 
-QUICK = Settings(
-    rounds=11,
-    requests=200,
-    warmup=500,
-    send_rounds=9,
-    send_ms=10.0,
-    server_seconds=1.0,
-    server_rounds=2,
-    profile_requests=1000,
-)
+def _stats(suite: pyperf.BenchmarkSuite, name: str) -> Stats:
+    bench = suite.get_benchmark(name)
+    n = len(bench.get_values())
+    std = bench.stdev() if n > 1 else 0.0
+    return bench.mean(), std, bench.median(), std / math.sqrt(n)
 
 
-def _parse(argv: t.Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _us(x: float, like: float | None = None) -> str:
+    """µs, with 1 decimal from 10 µs on (2 below), or as many as ``like`` gets."""
+    return f"{x * 1e6:.{1 if abs(like if like is not None else x) >= 1e-5 else 2}f}"
+
+
+def _pm(s: Stats) -> str:
+    return f"{_us(s[0])} ± {_us(s[1], s[0])}"
+
+
+def _md(header: str, rows: t.Iterable[t.Sequence[t.Any]]) -> list[str]:
+    """A markdown table: ``header`` is "a|b|c"; columns after the first are right-aligned."""
+    n = header.count("|")
+    lines = [f"| {header.replace('|', ' | ')} |", "| --- |" + " ---: |" * n]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def _ratio(label: str, top: Stats, bottom: Stats, target: float | None) -> list[str]:
+    mean = top[0] / bottom[0]
+    verdict = "" if target is None else (" ✓" if mean <= target else " ✗")
+    if abs(top[0]) < 2 * top[3] or abs(bottom[0]) < 2 * bottom[3]:
+        verdict = " (noise)"  # an overhead within two standard errors of zero
+    goal = "-" if target is None else f"≤ {target}"
+    return [label, f"**{mean:.2f}**{verdict}", f"{top[2] / bottom[2]:.2f}", goal]
+
+
+def per_request_table(suite: pyperf.BenchmarkSuite) -> str:
+    s = {mode: _stats(suite, f"request {mode}") for mode in apps.MODES}
+    # Overheads over bare: difference of means (and of medians); the std as for
+    # the difference of two independent values.
+    b = s["bare"]
+    o = {m: (v[0] - b[0], math.hypot(v[1], b[1]), v[2] - b[2], math.hypot(v[3], b[3]))
+         for m, v in s.items()}  # fmt: skip
+    over = {m: f"{v[0] * 1e6:+.1f} ± {v[1] * 1e6:.1f}" for m, v in o.items()}
+    rows = [(f"`{m}`: {what}", _pm(s[m]), _us(s[m][2]), "-" if m == "bare" else over[m])
+            for m, what in apps.MODES.items()]  # fmt: skip
+    ratios = [
+        _ratio("sigtrace metrics-only / pfe", o["sigtrace-metrics"], o["pfe"], 0.5),
+        _ratio("the same, multiprocess", o["sigtrace-metrics-mp"], o["pfe-mp"], 0.5),
+        _ratio("sigtrace multiprocess / one process, metrics only",
+               o["sigtrace-metrics-mp"], o["sigtrace-metrics"], 1.5),
+        _ratio("the same, metrics and spans", o["sigtrace-full-mp"], o["sigtrace-full"], 1.5),
+        _ratio("sigtrace full / floor", o["sigtrace-full"], o["floor"], 1.25),
+        _ratio("sigtrace full / otel+pfe", o["sigtrace-full"], o["otel+pfe"], None),
+    ]  # fmt: skip
+    table = _md("mode|µs/request, mean ± std|median|overhead over bare, µs", rows)
+    return "\n".join([*table, "", *_md("overhead ratio|from means|from medians|target", ratios)])
+
+
+def per_send_table(suite: pyperf.BenchmarkSuite) -> str:
+    rows = []
+    for mode, receivers in per_send.BENCHMARKS[len(per_send.RECEIVER_COUNTS) :]:
+        bare, traced = (_stats(suite, f"send {m} {receivers}") for m in ("bare", mode))
+        label = f"{receivers}, {mode.removeprefix('sigtrace-')}"
+        rows.append([label, _pm(bare), _pm(traced), *_ratio("", traced, bare, 1.5)[1:]])
+    header = "receivers, sigtrace mode|bare blinker, µs|sigtrace, µs|ratio (means)|(medians)|target"
+    return "\n".join(_md(header, rows))
+
+
+def server_table(result: dict[str, t.Any]) -> str:
+    bare = result["modes"]["bare"]["median_cpu_us"]
+    rows = [(f"`{m}`", f"{e['median_rps']:.0f}", f"{e['median_cpu_us']:.0f}",
+             f"{e['median_cpu_us'] / bare:.2f}", e["errors"], e["counted_by_metrics"] or "-")
+            for m, e in result["modes"].items()]  # fmt: skip
+    head = "mode|req/s (median)|worker CPU µs/request|CPU vs bare|errors|counted by /metrics"
+    intro = f"load: {result['generator']}, {result['connections']} connections, "
+    intro += f"{result['rounds']} x {result['seconds']:.0f} s per mode, interleaved\n\n"
+    return intro + "\n".join(_md(head, rows))
+
+
+def machine() -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES.split())
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    cpu = models[0] if models else platform.machine()
+    return (
+        f"commit {commit or '?'}; {cpu}, "
+        f"{os.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}; {versions}; load average {load}"
     )
-    parser.add_argument("--quick", action="store_true", help="short run (under a minute)")
-    parser.add_argument("--profile", action="store_true", help="add the profile section")
-    parser.add_argument(
-        "--only", help=f"comma-separated sections to run, from: {', '.join(SECTIONS)}"
-    )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument(
-        "--load-generator",
-        choices=("wrk", "python"),
-        help="server section's load generator (default: wrk when installed, else python)",
-    )
-    for field in dataclasses.fields(Settings):
-        parser.add_argument(
-            f"--{field.name.replace('_', '-')}",
-            type=float if field.type == "float" else int,
-            help=f"override (full run: {field.default})",
+
+
+def _pyperf(module: str, out: Path, speed: str, clock: str) -> pyperf.BenchmarkSuite:
+    out.unlink(missing_ok=True)
+    passes, options = PYPERF[speed]
+    for _ in range(passes):
+        args = [*options, "--clock", clock, "--quiet", "--append", str(out)]
+        subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO_ROOT, check=True
         )
-    return parser.parse_args(argv)
+    return pyperf.BenchmarkSuite.load(str(out))
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
-    args = _parse(argv)
-    settings = dataclasses.replace(QUICK) if args.quick else Settings()
-    for field in dataclasses.fields(Settings):
-        value = getattr(args, field.name)
-        if value is not None:
-            setattr(settings, field.name, value)
-    if args.only:
-        sections = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = set(sections) - set(SECTIONS)
-        if unknown:
-            print(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}", file=sys.stderr)
-            return 2
-    else:
-        sections = [s for s in SECTIONS if s != "profile" or args.profile]
-
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        "python -m benchmarks.run", None, __doc__, formatter_class=formatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 pass, 1 process x 3 values each")
+    parser.add_argument("--smoke", action="store_true", help="1 value per benchmark (the test)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"from {', '.join(SECTIONS)}")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="default: cpu")
+    parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks/results")
+    args = parser.parse_args(argv)
+    speed = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if set(sections) - set(SECTIONS):
+        parser.error(f"--only: choose from {', '.join(SECTIONS)}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    results: dict[str, t.Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "quick": args.quick,
-        "settings": dataclasses.asdict(settings),
-        "machine": machine.describe(),
-    }
-    _say(f"sigtrace benchmarks ({'quick' if args.quick else 'full'} run)")
-    _say(report.machine(results["machine"]))
+    out = [f"# sigtrace benchmarks ({speed} run, {args.clock} clock)", "", machine()]
+    print("\n".join(out), flush=True)
 
-    if "per-request" in sections:
-        results["per_request"] = per_request.run(
-            settings.rounds, settings.requests, settings.warmup
-        )
-        _say(report.per_request(results["per_request"]))
+    def section(title: str, table: str) -> None:
+        out.extend(["", f"## {title}", "", table])
+        print(f"\n## {title}\n\n{table}", flush=True)
+
     if "per-send" in sections:
-        results["per_send"] = per_send.run(settings.send_rounds, settings.send_ms)
-        _say(report.per_send(results["per_send"]))
+        suite = _pyperf("per_send", args.results_dir / "per_send.json", speed, args.clock)
+        section("Per send (unsampled: under an unsampled parent span)", per_send_table(suite))
+    if "per-request" in sections:
+        suite = _pyperf("per_request", args.results_dir / "per_request.json", speed, args.clock)
+        section("Per request (direct WSGI calls)", per_request_table(suite))
     if "server" in sections:
-        results["server"] = server.run(
-            settings.server_seconds,
-            settings.server_rounds,
-            settings.server_warmup,
-            generator=args.load_generator,
-        )
-        _say(report.server(results["server"]))
-    if "profile" in sections:
-        results["profile"] = profiling.run(settings.profile_requests)
-        _say(report.profile(results["profile"]))
-
-    results["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    path = _write(args.results_dir, results)
-    _say(f"done in {results['elapsed_seconds']:.0f} s; results: {_display(path)}")
+        result = server.run(*SERVER[speed])
+        (args.results_dir / "server.json").write_text(json.dumps(result, indent=1))
+        section("Real server (gunicorn, 2 sync workers, multiprocess)", server_table(result))
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    out.extend(["", f"done in {time.monotonic() - started:.0f} s; load average at the end {load}"])
+    print(out[-1])
+    (args.results_dir / "summary.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     return 0
-
-
-def _say(text: str) -> None:
-    print(f"\n{text}", flush=True)
-
-
-def _write(directory: Path, results: dict[str, t.Any]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    text = json.dumps(results, indent=2)
-    path.write_text(text + "\n", encoding="utf-8")
-    (directory / "latest.json").write_text(text + "\n", encoding="utf-8")
-    return path
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":
