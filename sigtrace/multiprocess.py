@@ -80,6 +80,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import typing as t
@@ -206,7 +207,8 @@ def _add(totals: Totals, document: dict[str, t.Any]) -> None:
             if found.kind == "counter":
                 found.series[key] = found.series.get(key, 0.0) + entry[1]
                 continue
-            counts, total, exemplars = found.series.get(key) or ({}, 0.0, {})
+            held_series: _Hist = found.series.get(key) or ({}, 0.0, {})
+            counts, total, exemplars = held_series
             for le, count, exemplar in zip(bounds, entry[1], entry[3], strict=True):
                 counts[le] = counts.get(le, 0.0) + count
                 if exemplar is not None:
@@ -446,7 +448,9 @@ class MultiprocessCollector(Collector):
             try:
                 fold(self.path)
             except OSError as error:
-                log.warning("sigtrace: cannot fold dead workers' metrics in %s: %s", self.path, error)
+                log.warning(
+                    "sigtrace: cannot fold dead workers' metrics in %s: %s", self.path, error
+                )
         try:
             totals = read_totals(self.path)
         except OSError as error:
@@ -461,9 +465,8 @@ class MultiprocessCollector(Collector):
 
 def _threads_run() -> bool:
     """False under uWSGI without ``--enable-threads`` / ``--threads``."""
-    try:
-        import uwsgi  # type: ignore[import-not-found]
-    except ImportError:
+    uwsgi = sys.modules.get("uwsgi")  # present only inside a uWSGI process
+    if uwsgi is None:
         return True
     opt = getattr(uwsgi, "opt", {})
     return bool(opt.get("enable-threads") or opt.get("threads"))

@@ -6,6 +6,7 @@ processes, the exposition read back through prometheus-client's parser.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -48,7 +49,9 @@ def metrics() -> MetricSet:
     return MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
 
 
-def record(metrics: MetricSet, sends: int, durations: t.Sequence[float] = (), trace: str = "") -> None:
+def record(
+    metrics: MetricSet, sends: int, durations: t.Sequence[float] = (), trace: str = ""
+) -> None:
     child = metrics.signal_sends.child(SIGNAL)
     for _ in range(sends):
         child.inc()
@@ -262,7 +265,7 @@ def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> No
     assert not errors, errors
     for readings in seen:
         assert len(readings) >= 5
-        drops = [(a, b) for a, b in zip(readings, readings[1:], strict=False) if b < a]
+        drops = [(a, b) for a, b in itertools.pairwise(readings) if b < a]
         assert not drops, drops
         assert readings[-1] <= expected
     assert totals(mpdir)[SENDS] == expected

@@ -1,7 +1,9 @@
 """A Flask app with SigTrace for the gunicorn tests: ``tests.apps.gunicorn_app:app``.
 
 ``GET /signup/<name>`` sends ``gunicorn-signup`` to two receivers and answers
-with the worker's pid (the tests learn the worker pids from it). Every worker
+with the worker's pid and the request's trace id (the tests learn the worker
+pids, and which worker made which trace, from it). Importing the app sends
+``gunicorn-boot`` once (under ``--preload``: once in the master). Every worker
 sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import: in
 multiprocess mode a dead worker's share disappears only when gunicorn's
 ``child_exit`` hook calls ``mark_process_dead``, so the gauge shows that the
@@ -15,6 +17,7 @@ import typing as t
 
 from blinker import Namespace
 from flask import Flask, jsonify
+from opentelemetry import trace
 from prometheus_client import Gauge
 
 from sigtrace import SigTrace
@@ -45,7 +48,9 @@ app = Flask("gunicorn-test")
 @app.get("/signup/<name>")
 def signup(name: str) -> t.Any:
     signed_up.send(app, name=name)
-    return jsonify(pid=os.getpid())
+    context = trace.get_current_span().get_span_context()
+    trace_id = format(context.trace_id, "032x") if context.is_valid else None
+    return jsonify(pid=os.getpid(), trace_id=trace_id)
 
 
 @app.get("/health")
@@ -54,3 +59,4 @@ def health() -> t.Any:
 
 
 SigTrace(app)
+signals.signal("gunicorn-boot").send("boot")
