@@ -21,7 +21,6 @@ import typing as t
 
 from . import multiprocess
 from .config import load_settings
-from .metrics import multiprocess_mode
 
 __all__ = ["child_exit", "when_ready", "worker_exit"]
 
@@ -69,7 +68,7 @@ def when_ready(server: t.Any) -> None:
             "under gunicorn set a fixed port"
         )
         return
-    if not multiprocess_mode():
+    if multiprocess.directory() is None:
         server.log.warning(
             "sigtrace: SIGTRACE_METRICS_PORT under gunicorn needs PROMETHEUS_MULTIPROC_DIR; "
             "without it each worker would need its own port"

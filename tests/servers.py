@@ -50,8 +50,9 @@ TOTALS = [HTTP_COUNT, SENDS, *RECEIVER_COUNTS]
 LIVE_WORKERS: Key = ("test_live_workers", ())
 
 
-def bucket_exemplars(openmetrics_text: str, family: str) -> list[tuple[str, str]]:
-    """``(le, trace_id)`` of every exemplar on ``family``'s buckets."""
+def bucket_exemplars(openmetrics_text: str, family: str, **labels: str) -> list[tuple[str, str]]:
+    """``(le, trace_id)`` of every exemplar on the buckets of ``family``'s
+    series that have ``labels``."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     found = []
@@ -59,7 +60,9 @@ def bucket_exemplars(openmetrics_text: str, family: str) -> list[tuple[str, str]
         if parsed.name != family:
             continue
         for s in parsed.samples:
-            if s.name == family + "_bucket" and s.exemplar is not None:
+            if s.name != family + "_bucket" or s.exemplar is None:
+                continue
+            if all(s.labels.get(k) == v for k, v in labels.items()):
                 found.append((s.labels["le"], s.exemplar.labels["trace_id"]))
     return found
 

@@ -98,9 +98,9 @@ def test_max_requests_recycling_loses_nothing_and_folds(
 ) -> None:
     gunicorn = start_gunicorn(tmp_path, conf="max_requests = 15\nmax_requests_jitter = 0\n")
     servers.append(gunicorn)
-    n = 300
+    n = 150
     pids = gunicorn.load(n, threads=4)
-    assert len(set(pids)) >= 10  # about 20 workers served, one after another
+    assert len(set(pids)) >= 6  # about 10 workers served, one after another
     gunicorn.wait_for_totals(n)
     # Dead workers' files were folded (child_exit, or a scrape): the archive,
     # the lock, and at most the two live workers' files remain.
@@ -221,7 +221,9 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
             continue  # wait for a last request served by the other worker
         assert last["trace_id"] is not None
         gunicorn.wait_for_totals(len(answered))
-        exemplars = bucket_exemplars(gunicorn.scrape_text(openmetrics=True), family)
+        exemplars = bucket_exemplars(
+            gunicorn.scrape_text(openmetrics=True), family, endpoint="signup"
+        )
         trace_ids = {a["trace_id"] for a in answered}
         assert exemplars and all(trace_id in trace_ids for _, trace_id in exemplars), exemplars
         assert last["trace_id"] in {trace_id for _, trace_id in exemplars}, (last, exemplars)
@@ -231,7 +233,7 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
     assert len(workers_of_last) == 2, answered
     receivers = bucket_exemplars(
         gunicorn.scrape_text(openmetrics=True), "sigtrace_receiver_duration_seconds"
-    )
+    )  # only the signup route sends
     assert receivers and all(trace_id in trace_ids for _, trace_id in receivers)
 
 
