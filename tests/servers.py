@@ -180,6 +180,17 @@ class Server:
         except AssertionError as error:
             raise AssertionError(f"{error}; last scrapes: {seen[-3:]}") from None
 
+    def directory_totals(self) -> list[float]:
+        """The totals read straight from the directory (as the CLI reads them)."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from sigtrace.multiprocess import MultiprocessCollector
+
+        registry = CollectorRegistry()
+        registry.register(MultiprocessCollector(str(self.prometheus_dir), fold=False))
+        samples = samples_from_text(generate_latest(registry).decode())
+        return [samples.get(key, 0.0) for key in TOTALS]
+
     def files(self) -> set[str]:
         return {p.name for p in self.prometheus_dir.iterdir()}
 
