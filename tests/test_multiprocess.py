@@ -130,6 +130,22 @@ def test_missing_directory_is_a_config_error(
     assert not missing.exists()
 
 
+def test_init_app_refuses_a_missing_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
+) -> None:
+    from flask import Flask
+
+    from sigtrace import SigTrace, dispatch
+
+    missing = tmp_path / "gone"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(missing))
+    app = Flask(__name__)
+    with pytest.raises(ConfigError, match=r"PROMETHEUS_MULTIPROC_DIR=.*gone.*not an existing"):
+        SigTrace(app, registry=registry)
+    assert "sigtrace" not in app.extensions
+    assert not dispatch.is_instrumented()
+
+
 def test_unwritable_directory_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch, metrics: MetricSet
 ) -> None:

@@ -4,7 +4,8 @@
 with the worker's pid and the request's trace id (the tests learn the worker
 pids, and which worker made which trace, from it). Importing the app sends
 ``gunicorn-boot`` once (under ``--preload``: once in the master). Every worker
-sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import: in
+sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import (not a
+``flask`` command): in
 multiprocess mode a dead worker's share disappears only when gunicorn's
 ``child_exit`` hook calls ``mark_process_dead``, so the gauge shows that the
 hook ran.
@@ -13,6 +14,7 @@ hook ran.
 from __future__ import annotations
 
 import os
+import sys
 import typing as t
 
 from blinker import Namespace
@@ -37,10 +39,11 @@ def count_signup(sender: t.Any, name: str) -> None:
 signed_up.connect(send_welcome)
 signed_up.connect(count_signup)
 
-live_workers = Gauge(
-    "test_live_workers", "Workers alive (one per process).", multiprocess_mode="livesum"
-)
-live_workers.set(1)
+if "gunicorn" in sys.modules or "uwsgi" in sys.modules:  # served, not the CLI
+    live_workers = Gauge(
+        "test_live_workers", "Workers alive (one per process).", multiprocess_mode="livesum"
+    )
+    live_workers.set(1)
 
 app = Flask("gunicorn-test")
 
