@@ -317,3 +317,19 @@ def test_a_forked_child_publishes_only_its_own_values(mpdir: Path, metrics: Metr
     assert totals(mpdir)[SENDS] == 7
     publisher.publish()
     assert totals(mpdir)[SENDS] == 7
+
+
+def test_a_vanished_directory_warns_once_and_never_raises(
+    mpdir: Path, metrics: MetricSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = multiprocess.attach(metrics, interval=3600)
+    assert publisher is not None
+    mpdir.rmdir()  # deleted under a running server
+    with caplog.at_level("WARNING", logger="sigtrace"):
+        for _ in range(3):
+            record(metrics, 1)
+            assert publisher.publish() is False
+        assert scrape(mpdir) == ""  # the scrape answers, empty
+    publishes = [r for r in caplog.records if "cannot publish" in r.getMessage()]
+    assert len(publishes) == 1
+    assert any("cannot read workers' metrics" in r.getMessage() for r in caplog.records)
