@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-import tests._mp_shim  # noqa: F401  TEMPORARY
 from sigtrace import ConfigError, multiprocess
 from sigtrace.metrics import MetricSet
 from tests.conftest import samples_from_text
