@@ -114,6 +114,7 @@ class Server:
         self._reader.start()
         self.port = 0
         self.metrics_port = 0
+        self.headers: dict[str, str] = {}  # sent with every scrape
 
     def _read_log(self) -> None:
         assert self.proc.stderr is not None
@@ -153,7 +154,9 @@ class Server:
             return [a["pid"] for a in pool.map(lambda i: self.signup(f"{prefix}{i}"), range(n))]
 
     def scrape_text(self, port: int | None = None, openmetrics: bool = False) -> str:
-        request = urllib.request.Request(f"http://127.0.0.1:{port or self.port}/metrics")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port or self.port}/metrics", headers=self.headers
+        )
         if openmetrics:
             request.add_header("Accept", "application/openmetrics-text; version=1.0.0")
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
