@@ -20,7 +20,7 @@ or the new snapshot, never half of one. A process killed with SIGKILL loses
 what it recorded since its last publish: at most one interval.
 
 The publisher starts at a process's first request (the extension's request
-hook; a cheap pid comparison afterwards), never at ``init_app``: ``flask
+hook; one attribute check per request afterwards), never at ``init_app``: ``flask
 sigtrace signals`` and other commands that build the app never write into the
 directory. A process that forks (a gunicorn ``--preload`` master) publishes
 what it recorded before its first fork, once, so sends made while importing
@@ -58,8 +58,8 @@ archive), or gone, and then the generation changed: the reader starts over.
 So each value is counted exactly once, scrapes never wait for a fold, and a
 reader writes nothing, not even a lock file: the CLI can read a live
 deployment's directory. After repeated collisions a reader takes the folders'
-lock (shared) and reads once more.
-Every published value only grows, folding keeps sums, so totals never go back.
+lock (shared) and reads once more. Every published value only grows and
+folding keeps sums, so totals never go back.
 
 **Why not prometheus-client's ``.db`` files.** Its multiprocess files hold one
 float per sample, written under a lock on every observation, and carry no
