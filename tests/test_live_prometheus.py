@@ -157,9 +157,7 @@ class Prometheus:
         return t.cast(list[dict[str, t.Any]], data["result"])
 
     def query_range(self, expr: str, start: float, end: float) -> list[dict[str, t.Any]]:
-        data = self.get(
-            "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1"
-        )
+        data = self.get("/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1")
         assert data["resultType"] == "matrix", f"{expr}: {data}"
         return t.cast(list[dict[str, t.Any]], data["result"])
 
@@ -510,15 +508,17 @@ def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Pat
     served: dict[str, int] = {}  # trace id -> pid of the worker that served it
     stop_load = threading.Event()
 
-    def load() -> None:
+    def load(client: int) -> None:
+        # Two clients at once keep both sync workers serving.
         for i in range(100_000):
             if stop_load.wait(0.05):
                 return
-            answer = gunicorn.signup(f"prom{i}")
+            answer = gunicorn.signup(f"prom{client}-{i}")
             served[answer["trace_id"]] = answer["pid"]
 
-    loader = threading.Thread(target=load, daemon=True)
-    loader.start()
+    loaders = [threading.Thread(target=load, args=(c,), daemon=True) for c in range(2)]
+    for loader in loaders:
+        loader.start()
     server = Prometheus(port)
     workers_seen: set[int] = set()
     try:
@@ -543,10 +543,16 @@ def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Pat
                         workers_seen.add(served[trace_id])
             return len(workers_seen) == 2
 
-        wait_for("exemplars of both workers' traces", from_both_workers, DATA_TIMEOUT)
+        try:
+            wait_for("exemplars of both workers' traces", from_both_workers, DATA_TIMEOUT)
+        except AssertionError as error:
+            pids = sorted(served.values())
+            by_worker = {pid: pids.count(pid) for pid in set(pids)}
+            raise AssertionError(f"{error}; seen {workers_seen}, served {by_worker}") from None
     finally:
         stop_load.set()
-        loader.join(HTTP_TIMEOUT + 5)
+        for loader in loaders:
+            loader.join(HTTP_TIMEOUT + 5)
         stop(proc)
         log.close()
     assert len(set(served.values())) == 2
