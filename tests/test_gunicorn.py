@@ -130,7 +130,7 @@ def test_sigkill_of_a_worker_loses_at_most_one_interval(
     """What is checked: scrapes taken throughout never go back; after the kill
     the total is at most the requests answered (plus the one cut off) and at
     least those answered minus the victim's answers of the last interval
-    (0.5 s here) and a second of scheduling slack before the kill; the victim's
+    (0.5 s here) and two seconds of scheduling slack before the kill; the victim's
     file is folded into the archive."""
     interval = 0.5
     gunicorn = start_gunicorn(tmp_path, SIGTRACE_PUBLISH_INTERVAL=str(interval))
@@ -182,7 +182,7 @@ def test_sigkill_of_a_worker_loses_at_most_one_interval(
     assert not any(thread.is_alive() for thread in threads)
 
     successes = len(ok)
-    at_risk = sum(1 for p, at in ok if p == victim and at >= killed_at - interval - 1.0)
+    at_risk = sum(1 for p, at in ok if p == victim and at >= killed_at - interval - 2.0)
     assert len(failed) <= 1, failed  # a sync worker serves one request at a time
 
     def settled() -> bool:
