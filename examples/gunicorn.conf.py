@@ -1,15 +1,16 @@
 """gunicorn settings for the demo: multiprocess metrics across workers.
 
 Set ``PROMETHEUS_MULTIPROC_DIR`` to an empty, writable directory before
-starting gunicorn; ``/metrics`` then aggregates every worker, and
-``child_exit`` removes a dead worker's live gauges.
+starting gunicorn; every worker publishes its values there and ``/metrics``
+on any worker (or the master's ``SIGTRACE_METRICS_PORT`` server) sums them.
 """
 
 import os
 
-# gunicorn looks these hooks up by name: child_exit marks dead workers' files,
-# when_ready starts SIGTRACE_METRICS_PORT's server once, in the master.
-from sigtrace.gunicorn import child_exit, when_ready  # noqa: F401
+# gunicorn looks these hooks up by name: worker_exit publishes an exiting
+# worker's last values, child_exit folds a dead worker's file into the
+# archive, when_ready starts SIGTRACE_METRICS_PORT's server once, in the master.
+from sigtrace.gunicorn import child_exit, when_ready, worker_exit  # noqa: F401
 
 bind = os.environ.get("GUNICORN_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))

@@ -7,8 +7,11 @@ anonymous class attributes), found by one scan of the garbage collector's
 objects: fine for a one-off command, never done on a send. For each connected
 receiver: its metric label, weak or strong, the
 senders it is connected for and, when metrics are on, its calls, p50 / p99
-latency and errors, read from this process's registry. sigtrace's own request
-hooks are not receivers (see :class:`sigtrace.bindings.RequestHooks`), so they never
+latency and errors, read from this process's registry, or with
+``PROMETHEUS_MULTIPROC_DIR`` set the totals over all workers (read through
+:class:`sigtrace.multiprocess.MultiprocessCollector`, writing nothing there).
+sigtrace's own request hooks are not receivers (see
+:class:`sigtrace.bindings.RequestHooks`), so they never
 appear.
 
 Latency quantiles are estimated from the histogram buckets exactly as
@@ -35,7 +38,7 @@ from flask import signals as flask_signals
 from flask.cli import AppGroup
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, naming
+from . import dispatch, multiprocess, naming
 
 __all__ = ["histogram_quantile", "sigtrace_cli", "signal_inventory"]
 
@@ -283,9 +286,16 @@ def render_table(rows: list[SignalRow], metrics: bool) -> str:
     return "\n".join(out)
 
 
-def render_json(rows: list[SignalRow], metrics: bool) -> str:
-    """``{"metrics": bool, "signals": [{name, sends, receivers: [...]}, ...]}``."""
-    document = {"metrics": metrics, "signals": [dataclasses.asdict(row) for row in rows]}
+def render_json(rows: list[SignalRow], metrics: bool, scope: str | None = None) -> str:
+    """``{"metrics": bool, "scope": ..., "signals": [{name, sends, receivers: [...]}, ...]}``.
+
+    ``scope`` (with metrics): ``"this-process"``, or ``"all-processes"`` under
+    ``PROMETHEUS_MULTIPROC_DIR``.
+    """
+    document: dict[str, t.Any] = {"metrics": metrics}
+    if scope is not None:
+        document["scope"] = scope
+    document["signals"] = [dataclasses.asdict(row) for row in rows]
     return json.dumps(document, indent=2, ensure_ascii=False)
 
 
@@ -303,12 +313,26 @@ def sigtrace_cli() -> None:
 def signals_command(as_json: bool) -> None:
     """List every known signal, its receivers and (with metrics) their stats.
 
-    Stats are this process's own, in multiprocess mode too (the workers'
-    aggregate is what /metrics serves).
+    Stats are this process's own; with PROMETHEUS_MULTIPROC_DIR set, the
+    totals over all workers that published there (what /metrics serves),
+    read without writing anything into that directory.
     """
     state = flask.current_app.extensions.get("sigtrace")
     if state is None:
         raise click.ClickException("SigTrace is not initialised on this app")
     metrics = bool(state.settings.metrics)
-    rows = signal_inventory(state.ext.registry, metrics)
-    click.echo(render_json(rows, metrics) if as_json else render_table(rows, metrics))
+    registry = state.ext.registry
+    path = multiprocess.directory() if metrics else None
+    if path is not None:
+        # Read-only: no publish, no fold, no lock file. This process's own
+        # sends are not published, so they are not in these totals.
+        registry = CollectorRegistry()
+        registry.register(multiprocess.MultiprocessCollector(path, fold=False))
+    rows = signal_inventory(registry, metrics)
+    scope = "all-processes" if path is not None else "this-process"
+    if as_json:
+        click.echo(render_json(rows, metrics, scope if metrics else None))
+        return
+    if path is not None:
+        click.echo(f"Totals over all processes publishing to PROMETHEUS_MULTIPROC_DIR={path}")
+    click.echo(render_table(rows, metrics))

@@ -156,6 +156,19 @@ def _positive_int(value: object) -> int:
     return number
 
 
+def _positive_seconds(value: object) -> float:
+    expected = "a positive finite number of seconds"
+    if isinstance(value, bool):
+        raise TypeError(expected)
+    try:
+        seconds = float(t.cast(t.Any, value))
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(expected) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TypeError(expected)
+    return seconds
+
+
 def _span_mode(value: object) -> str:
     if not isinstance(value, str) or value.strip().lower() not in SPAN_MODES:
         raise TypeError("one of " + ", ".join(repr(m) for m in SPAN_MODES))
@@ -187,6 +200,9 @@ KEYS: dict[str, _Key] = {
     ),
     "SIGTRACE_OTLP_ENDPOINT": _Key(_endpoint, None, "OTLP endpoint (else OTEL_*)"),
     "SIGTRACE_CONSOLE_SPANS": _Key(_bool, False, "print spans when no endpoint is set"),
+    "SIGTRACE_PUBLISH_INTERVAL": _Key(
+        _positive_seconds, 1.0, "seconds between a worker's metric publishes (multiprocess)"
+    ),
 }
 
 
@@ -213,6 +229,7 @@ class Settings:
     max_label_values: int = DEFAULT_MAX_LABEL_VALUES
     otlp_endpoint: str | None = None
     console_spans: bool = False
+    publish_interval: float = 1.0
 
     def instrument_options(self, registry: t.Any, tracer_provider: t.Any) -> Options:
         """The process-wide instrumentation these settings ask for."""

@@ -1,12 +1,15 @@
 """Serving the metrics: content negotiation, multiprocess aggregation, a server.
 
-All of it is prometheus-client's: ``choose_encoder`` picks Prometheus text or
-OpenMetrics (which carries exemplars) from the Accept header,
-``MultiProcessCollector`` merges the workers' files, and its WSGI app
-(``make_wsgi_app``) served by its threading WSGI server is the separate
+prometheus-client does the serving: ``choose_encoder`` picks Prometheus text
+or OpenMetrics (which carries exemplars) from the Accept header, and its WSGI
+app (``make_wsgi_app``) served by its threading WSGI server is the separate
 exposition server (``SIGTRACE_METRICS_PORT``), which negotiates the format the
 same way. That server is guarded like the app route: the bearer token
-(``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403).
+(``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403). With
+``PROMETHEUS_MULTIPROC_DIR`` set, the exposed registry sums every worker's
+sigtrace metrics (:class:`sigtrace.multiprocess.MultiprocessCollector`, which
+publishes the scraped worker's own values first) plus the app's own
+prometheus-client multiprocess metrics (its ``MultiProcessCollector``).
 
 Servers are kept per ``(addr, bound port)`` and reference-counted: asking
 twice for a fixed port reuses the running server, port 0 always binds a new
@@ -29,7 +32,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
-from .metrics import multiprocess_mode
+from . import multiprocess
 
 __all__ = [
     "ServerConflict",
@@ -48,11 +51,13 @@ _STOP_TIMEOUT = 5.0  # seconds to wait for the serving thread after shutdown
 
 def exposition_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
     """The registry to expose: all workers' in multiprocess mode, else ``registry``."""
-    if multiprocess_mode():
-        from prometheus_client import multiprocess
+    path = multiprocess.directory()
+    if path is not None:
+        from prometheus_client import multiprocess as client_multiprocess
 
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        merged.register(multiprocess.MultiprocessCollector(path))
+        client_multiprocess.MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
         return merged
     return prometheus_client.REGISTRY if registry is None else registry
 

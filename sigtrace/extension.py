@@ -45,7 +45,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import get_excluded_urls
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, tracing
+from . import dispatch, multiprocess, tracing
 from .bindings import exemplar_of
 from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
@@ -92,6 +92,8 @@ class _AppState:
         self.durations: dict[tuple[str, str, str], t.Any] = {}
         self.metrics_port: int | None = None
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
+        self.publisher: multiprocess.Publisher | None = None
+        """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
 
 
 def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
@@ -152,6 +154,8 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
     state: _AppState | None = app.extensions.get("sigtrace")
     if state is None:
         return
+    if state.publisher is not None:
+        state.publisher.ensure_started()  # multiprocess: from this process's first request
     request = flask.request._get_current_object()  # type: ignore[attr-defined]
     if state.is_excluded(request.path) or (
         state.url_excluded is not None and state.url_excluded(request.url)
@@ -246,6 +250,8 @@ def _on_request_finished(app: t.Any, kwargs: dict[str, t.Any]) -> None:
     if record is not None:
         response = kwargs.get("response")
         record.finish(getattr(response, "status_code", 200), response)
+        if record.state.publisher is not None:
+            record.state.publisher.after_request()  # publishes only where no thread runs
 
 
 def _on_got_request_exception(app: t.Any, kwargs: dict[str, t.Any]) -> None:
@@ -348,6 +354,8 @@ class SigTrace:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
         exporters = tracing.traces_exporters() if settings.tracing else ()
+        if settings.metrics and multiprocess.directory() is not None:
+            multiprocess.check_directory(t.cast(str, multiprocess.directory()))
         dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
         metrics = None
         if settings.metrics:
@@ -365,6 +373,8 @@ class SigTrace:
                 dispatch.uninstrument()
                 raise
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
+        if metrics is not None:
+            state.publisher = multiprocess.attach(metrics, settings.publish_interval)
         _install_request_hooks()
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(

@@ -1,38 +1,17 @@
 """gunicorn server hooks for sigtrace's multiprocess metrics.
 
-Each gunicorn worker is a process with its own counters, so a scrape of
-``/metrics`` that lands on one worker would see counts jump up and down.
-prometheus-client's multiprocess mode fixes that: every worker writes its
-values to files in ``PROMETHEUS_MULTIPROC_DIR`` and each scrape sums all the
-files, dead workers' included, so counters never go back. sigtrace switches to
-it whenever that variable is set. In ``gunicorn.conf.py``::
+In ``gunicorn.conf.py``::
 
-    from sigtrace.gunicorn import child_exit, when_ready  # noqa: F401
+    from sigtrace.gunicorn import child_exit, when_ready, worker_exit  # noqa: F401
 
-and start gunicorn with ``PROMETHEUS_MULTIPROC_DIR`` set to an existing,
-empty directory (empty it before every start: stale files are counted too).
+with ``PROMETHEUS_MULTIPROC_DIR`` set to an existing, empty directory. The
+README's "Multiple processes" section explains the set-up;
+:mod:`sigtrace.multiprocess` how the workers' values are merged.
 
-* :func:`child_exit` (in the master) removes a dead worker's live-gauge files
-  (``mark_process_dead``); its counters and histograms stay and keep counting.
-* :func:`when_ready` (in the master, before workers fork) starts the separate
-  exposition server when ``SIGTRACE_METRICS_PORT`` is set in the environment.
-  Workers cannot each bind that port; forked workers find the master's server
-  in :mod:`sigtrace.exposition`'s table and reuse it, and the master serves
-  every worker's metrics from the shared files.
-
-No ``post_fork`` hook is needed. Without ``--preload`` each worker imports the
-app and runs ``init_app`` itself: the instrumentation, metric families and
-OpenTelemetry SDK (when sigtrace sets it up) are made after the fork. With
-``--preload`` they are made in the master and inherited, which works too
-(checked with opentelemetry-sdk 1.45 and grpcio 1.85): the SDK's
-BatchSpanProcessor restarts its export thread in the child through
-``os.register_at_fork`` (spans still queued in the master are exported by the
-master only), the OTLP gRPC channel made in the master exports from the
-children, and prometheus-client's multiprocess values notice the new pid and
-open the worker's own files. With ``--preload`` a ``SIGTRACE_METRICS_PORT``
-server starts in the master at ``init_app``, which makes :func:`when_ready`
-unnecessary. Without ``PROMETHEUS_MULTIPROC_DIR`` nothing of this applies:
-every worker keeps its own counters and only the app route is usable.
+* :func:`worker_exit` (in a worker, as it exits) publishes its last values.
+* :func:`child_exit` (in the master) folds the dead worker's file into the
+  archive and removes its prometheus-client live-gauge files.
+* :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT``.
 """
 
 from __future__ import annotations
@@ -40,22 +19,36 @@ from __future__ import annotations
 import os
 import typing as t
 
+from . import multiprocess
 from .config import load_settings
-from .metrics import multiprocess_mode
 
-__all__ = ["child_exit", "when_ready"]
+__all__ = ["child_exit", "when_ready", "worker_exit"]
+
+
+def worker_exit(server: t.Any, worker: t.Any) -> None:
+    """gunicorn ``worker_exit``: publish this worker's last values (graceful exit).
+
+    ``atexit`` does it too; this hook also covers exits that skip it.
+    """
+    multiprocess.flush()
 
 
 def child_exit(server: t.Any, worker: t.Any) -> None:
-    """gunicorn ``child_exit``: forget the dead worker's live gauges.
+    """gunicorn ``child_exit``: fold the dead worker's values into the archive.
 
-    Does nothing outside multiprocess mode.
+    Also forgets its prometheus-client live gauges (``mark_process_dead``).
+    Does nothing outside multiprocess mode; never raises into gunicorn.
     """
-    if not multiprocess_mode():
+    path = multiprocess.directory()
+    if path is None:
         return
-    from prometheus_client import multiprocess
+    from prometheus_client import multiprocess as client_multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    try:
+        multiprocess.fold(path)
+        client_multiprocess.mark_process_dead(worker.pid, path)  # type: ignore[no-untyped-call]
+    except OSError as error:
+        server.log.warning("sigtrace: cannot fold worker %s's metrics: %s", worker.pid, error)
 
 
 def when_ready(server: t.Any) -> None:
@@ -75,7 +68,7 @@ def when_ready(server: t.Any) -> None:
             "under gunicorn set a fixed port"
         )
         return
-    if not multiprocess_mode():
+    if multiprocess.directory() is None:
         server.log.warning(
             "sigtrace: SIGTRACE_METRICS_PORT under gunicorn needs PROMETHEUS_MULTIPROC_DIR; "
             "without it each worker would need its own port"

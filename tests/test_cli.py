@@ -370,3 +370,63 @@ def test_the_heap_scan_survives_hostile_objects_and_signal_mocks(app: Flask) -> 
         never_sent.disconnect(on_never_sent)
     assert "cli-test-never-sent" in signals
     assert hostile is not None and fake is not None
+
+
+def test_under_multiproc_dir_it_shows_all_workers_and_writes_nothing(
+    tmp_path: t.Any,
+) -> None:
+    """A real 2-worker gunicorn serves requests; the CLI, run as its own process
+    on the same app and directory, shows the workers' totals, says so, and
+    leaves every file in the directory as it was."""
+    import subprocess
+    import sys
+
+    from tests.servers import REPO, TOTALS, clean_env, start_gunicorn
+
+    gunicorn = start_gunicorn(tmp_path)
+    try:
+        gunicorn.load(40)
+        gunicorn.wait_for_totals(40)
+        directory = gunicorn.prometheus_dir
+        before = {p.name: p.read_bytes() for p in directory.iterdir()}
+
+        def cli(*args: str) -> str:
+            done = subprocess.run(
+                [
+                    *(sys.executable, "-m", "flask", "--app", "tests.apps.gunicorn_app:app"),
+                    *("sigtrace", "signals", *args),
+                ],
+                cwd=REPO,
+                env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory)),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            return done.stdout
+
+        document = json.loads(cli("--json"))  # while the workers run
+        table = cli()
+        # No new file (the workers may have rewritten their own meanwhile).
+        assert {p.name for p in directory.iterdir()} == set(before)
+    finally:
+        gunicorn.stop()
+    # Quiescent now: a CLI run changes no byte and adds no file.
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert gunicorn.directory_totals() == [40] * len(TOTALS)
+    quiet = json.loads(cli("--json"))
+    assert by_name(quiet)["gunicorn-signup"]["sends"] == 40
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert json.loads(cli("--json")) == quiet  # its own sends were never added
+    assert gunicorn.directory_totals() == [40] * len(TOTALS)
+
+    assert document["scope"] == "all-processes"
+    signals = by_name(document)
+    assert signals["gunicorn-signup"]["sends"] == 40
+    assert [r["calls"] for r in signals["gunicorn-signup"]["receivers"]] == [40, 40]
+    # Each worker imported the app once; the CLI's own import is not counted.
+    assert signals["gunicorn-boot"]["sends"] == 2
+    assert table.splitlines()[0] == (
+        f"Totals over all processes publishing to PROMETHEUS_MULTIPROC_DIR={directory}"
+    )
+    assert re.search(r"^gunicorn-signup\s+40\s", table, re.MULTILINE), table

@@ -1,233 +1,165 @@
-"""Real gunicorn, two sync workers, multiprocess metrics: the counts add up.
+"""Real gunicorn under ``PROMETHEUS_MULTIPROC_DIR``: exact totals in every scrape.
 
-gunicorn runs ``tests.apps.gunicorn_app:app`` with a ``gunicorn.conf.py`` that
-imports sigtrace's hooks exactly as the module docs tell users to, binds
-127.0.0.1 port 0 (the master logs the port it got) and serves the separate
-exposition server from the master on a free port.
+Each test starts gunicorn (sync, gthread, ``--preload``, ``max_requests``
+recycling, SIGKILL of a worker, HUP reload) with a ``gunicorn.conf.py`` that
+imports sigtrace's hooks as the README tells users to, drives HTTP load and
+reads the totals back from real scrapes: the worker route ``/metrics`` (either
+worker) and the master's ``SIGTRACE_METRICS_PORT`` server. A request's values
+reach a scrape within the publish interval (1 s): the tests poll for them,
+bounded by :data:`tests.servers.PUBLISH_DEADLINE`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import typing as t
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import samples_from_text
+from sigtrace import multiprocess
+from tests.servers import (
+    BOOT_SENDS,
+    HTTP_TIMEOUT,
+    LIVE_WORKERS,
+    TOTALS,
+    Server,
+    bucket_exemplars,
+    run_until,
+    start_gunicorn,
+)
 
 pytest.importorskip("gunicorn", reason="gunicorn is a dev dependency: pip install -e '.[dev]'")
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("gunicorn does not run on Windows", allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
-HTTP_TIMEOUT = 10.0
-START_TIMEOUT = 30.0
-
-CONF = """\
-from sigtrace.gunicorn import child_exit, when_ready  # noqa: F401
-
-bind = "127.0.0.1:0"
-workers = 2
-worker_class = "sync"
-loglevel = "info"
-timeout = 30
-graceful_timeout = 3
-# gunicorn >= 24 opens a control socket under $HOME by default; older ones
-# ignore this unknown name.
-control_socket_disable = True
-"""
-
-SIGNAL = "gunicorn-signup"
-RECEIVERS = ("tests.apps.gunicorn_app.send_welcome", "tests.apps.gunicorn_app.count_signup")
-Key = tuple[str, tuple[tuple[str, str], ...]]
-HTTP_COUNT: Key = (
-    "sigtrace_http_request_duration_seconds_count",
-    (("endpoint", "signup"), ("method", "GET"), ("status", "200")),
-)
-SENDS: Key = ("sigtrace_signal_sends_total", (("signal", SIGNAL),))
-RECEIVER_COUNTS: list[Key] = [
-    ("sigtrace_receiver_duration_seconds_count", (("receiver", r), ("signal", SIGNAL)))
-    for r in RECEIVERS
-]
-TOTALS = [HTTP_COUNT, SENDS, *RECEIVER_COUNTS]
-LIVE_WORKERS: Key = ("test_live_workers", ())
-
-
-class Gunicorn:
-    """A running gunicorn master: its ports, multiprocess dir and log."""
-
-    def __init__(self, proc: subprocess.Popen[str], prometheus_dir: Path) -> None:
-        self.proc = proc
-        self.prometheus_dir = prometheus_dir
-        self.log: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-        self.port = 0
-        self.metrics_port = 0
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.log.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def wait_for_log(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
-        deadline = time.monotonic() + START_TIMEOUT
-        with self._changed:
-            while True:
-                found = [m for line in self.log if (m := re.search(pattern, line))]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    log = "\n".join(self.log)
-                    raise AssertionError(f"gunicorn never logged {pattern!r}:\n{log}")
-                self._changed.wait(min(left, 0.2))
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def signup(self, name: str) -> int:
-        """One request; the pid of the worker that served it."""
-        with urllib.request.urlopen(self.url(f"/signup/{name}"), timeout=HTTP_TIMEOUT) as r:
-            assert r.status == 200
-            pid: int = json.load(r)["pid"]
-            return pid
-
-    def scrape(self, port: int | None = None) -> dict[Key, float]:
-        url = f"http://127.0.0.1:{port or self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
-            return samples_from_text(response.read().decode())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # graceful: the master stops its workers
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only gunicorn
-                self.proc.wait(10)
-        self._reader.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 @pytest.fixture
-def gunicorn(tmp_path: Path) -> Iterator[Gunicorn]:
-    prometheus_dir = tmp_path / "prometheus"
-    prometheus_dir.mkdir()
-    conf = tmp_path / "gunicorn.conf.py"
-    conf.write_text(CONF)
-    metrics_port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SIGTRACE_", "OTEL_", "PROMETHEUS_MULTIPROC_DIR"))
-    }
-    env.update(
-        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
-        SIGTRACE_TRACING="false",
-        SIGTRACE_METRICS_PORT=str(metrics_port),
-        PYTHONUNBUFFERED="1",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(conf), "tests.apps.gunicorn_app:app"],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    server = Gunicorn(proc, prometheus_dir)
-    try:
-        # Port 0: gunicorn logs the port the kernel picked.
-        listening = server.wait_for_log(r"Listening at: http://127\.0\.0\.1:(\d+)")
-        server.port = int(listening[0].group(1))
-        assert server.port != 0
-        server.metrics_port = metrics_port
-        server.wait_for_log(r"Booting worker with pid: \d+", count=2)
-        server.wait_for_log(rf"serving all workers' metrics on http://127\.0\.0\.1:{metrics_port}")
-        yield server
-    finally:
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
         server.stop()
 
 
-def run_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def test_scrapes_from_either_worker_total_every_request(gunicorn: Gunicorn) -> None:
+def test_sync_workers_every_scrape_totals_every_request(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    gunicorn = start_gunicorn(tmp_path, metrics_port=True)
+    servers.append(gunicorn)
     n = 200
-    with ThreadPoolExecutor(8) as pool:
-        pids = list(pool.map(lambda i: gunicorn.signup(f"user{i}"), range(n)))
+    pids = gunicorn.load(n)
     by_worker = {pid: pids.count(pid) for pid in set(pids)}
     assert len(by_worker) == 2 and all(count < n for count in by_worker.values()), by_worker
 
-    # Each scrape lands on either worker; each must see both workers' requests.
-    scrapes = [gunicorn.scrape() for _ in range(6)]
-    scrapes.append(gunicorn.scrape(gunicorn.metrics_port))  # the master's server
-    for samples in scrapes:
-        assert [samples.get(key) for key in TOTALS] == [n] * len(TOTALS)
-        assert samples.get(LIVE_WORKERS) == 2
+    # Within an interval every worker's values are published; then each
+    # scrape (landing on either worker, or on the master's port) sees all.
+    gunicorn.wait_for_totals(n)
+    gunicorn.wait_for_totals(n, gunicorn.metrics_port)
+    for _ in range(6):
+        assert gunicorn.totals() == [n] * len(TOTALS)
+    samples = gunicorn.scrape(gunicorn.metrics_port)
+    assert samples[BOOT_SENDS] == 2  # each worker imported the app once
+    assert samples[LIVE_WORKERS] == 2  # the app's own prometheus-client gauge, merged too
     # Scrapes are not requests: /metrics is never timed.
-    assert not any(
-        name == HTTP_COUNT[0] and ("endpoint", "sigtrace_metrics") in labels
-        for name, labels in scrapes[-1]
-    )
+    assert not any(("endpoint", "sigtrace_metrics") in labels for _, labels in samples)
+    # One file per worker; no archive yet (no worker died).
+    files = gunicorn.files()
+    assert len([f for f in files if f.startswith("sigtrace-") and f.endswith(".json")]) == 2
 
 
-def test_totals_stay_monotonic_when_a_worker_is_killed(gunicorn: Gunicorn) -> None:
+def test_gthread_workers(tmp_path: Path, servers: list[Server]) -> None:
+    gunicorn = start_gunicorn(tmp_path, conf='worker_class = "gthread"\nthreads = 4\n')
+    servers.append(gunicorn)
+    gunicorn.load(300, threads=12)
+    gunicorn.wait_for_totals(300)
+
+
+def test_preload_counts_the_master_s_import_once(tmp_path: Path, servers: list[Server]) -> None:
+    gunicorn = start_gunicorn(tmp_path, args=["--preload"], metrics_port=True)
+    servers.append(gunicorn)
+    pids = gunicorn.load(150)
+    assert len(set(pids)) == 2
+    gunicorn.wait_for_totals(150)
+    gunicorn.wait_for_totals(150, gunicorn.metrics_port)
+    # The app was imported once, in the master, which published that send
+    # before forking; the workers inherited it reset to zero.
+    assert gunicorn.scrape()[BOOT_SENDS] == 1
+
+
+def test_max_requests_recycling_loses_nothing_and_folds(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    gunicorn = start_gunicorn(tmp_path, conf="max_requests = 15\nmax_requests_jitter = 0\n")
+    servers.append(gunicorn)
+    n = 150
+    pids = gunicorn.load(n, threads=4)
+    assert len(set(pids)) >= 6  # about 10 workers served, one after another
+    gunicorn.wait_for_totals(n)
+    # Dead workers' files were folded (child_exit, or a scrape): the archive,
+    # the lock, and at most the two live workers' files remain.
+    sigtrace_files = {f for f in gunicorn.files() if f.startswith("sigtrace")}
+    assert {multiprocess.ARCHIVE_NAME, multiprocess.LOCK_NAME} <= sigtrace_files
+    assert len(sigtrace_files) <= 4, sigtrace_files
+    gunicorn.stop()  # graceful: the last workers publish at exit
+    assert gunicorn.directory_totals() == [n] * len(TOTALS)
+
+
+def test_hup_reload_loses_nothing(tmp_path: Path, servers: list[Server]) -> None:
+    gunicorn = start_gunicorn(tmp_path)
+    servers.append(gunicorn)
+    old = set(gunicorn.load(100))
+    gunicorn.signal_master(signal.SIGHUP)  # new workers; the old ones exit gracefully
+    gunicorn.wait_for_log(r"Booting worker with pid: \d+", count=4)
+    for pid in old:
+        gunicorn.wait_for_log(rf"Worker exiting \(pid: {pid}\)")
+    new = gunicorn.load(100, prefix="after")
+    assert not set(new) & old
+    gunicorn.wait_for_totals(200)
+
+
+def test_sigkill_of_a_worker_loses_at_most_one_interval(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """What is checked: scrapes taken throughout never go back; after the kill
+    the total is at most the requests answered (plus the one cut off) and at
+    least those answered minus the victim's answers of the last interval
+    (0.5 s here) and two seconds of scheduling slack before the kill; the victim's
+    file is folded into the archive."""
+    interval = 0.5
+    gunicorn = start_gunicorn(tmp_path, SIGTRACE_PUBLISH_INTERVAL=str(interval))
+    servers.append(gunicorn)
     lock = threading.Lock()
-    ok: list[int] = []  # pid of the worker that served each successful request
+    ok: list[tuple[int, float]] = []  # (pid, time answered) of each successful request
     failed: list[BaseException] = []
-    history: list[list[float]] = []  # totals of each successful scrape, in order
+    history: list[list[float]] = []
     stop = threading.Event()
 
     def client(prefix: str) -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
+        for i in itertools.count():
+            if stop.is_set():
+                return
             try:
-                pid = gunicorn.signup(f"{prefix}-{i}")
+                pid = gunicorn.signup(f"{prefix}-{i}")["pid"]
             except Exception as exc:  # the killed worker's request in flight
                 with lock:
                     failed.append(exc)
                 continue
             with lock:
-                ok.append(pid)
+                ok.append((pid, time.monotonic()))
 
     def scraper() -> None:
         while not stop.is_set():
             try:
-                samples = gunicorn.scrape()
+                history.append(gunicorn.totals())
             except Exception:
                 continue  # served by the worker being killed
-            history.append([samples.get(key, 0.0) for key in TOTALS])
             time.sleep(0.01)
 
     threads = [threading.Thread(target=client, args=(f"c{i}",)) for i in range(4)]
@@ -235,12 +167,12 @@ def test_totals_stay_monotonic_when_a_worker_is_killed(gunicorn: Gunicorn) -> No
     for thread in threads:
         thread.start()
     try:
-        run_until(lambda: len(set(ok)) == 2 and len(ok) >= 100, "both workers serving")
-        workers = set(ok)
+        run_until(lambda: len({p for p, _ in ok}) == 2 and len(ok) >= 100, "both workers")
+        workers = {p for p, _ in ok}
         victim = min(workers)
+        killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        # gunicorn forks a replacement; wait until it has served requests too.
-        run_until(lambda: len(set(ok) - workers) >= 1, "the replacement worker", timeout=25)
+        run_until(lambda: len({p for p, _ in ok} - workers) >= 1, "a replacement", timeout=25)
         mark = len(ok)
         run_until(lambda: len(ok) >= mark + 100, "traffic after the restart")
     finally:
@@ -249,25 +181,58 @@ def test_totals_stay_monotonic_when_a_worker_is_killed(gunicorn: Gunicorn) -> No
             thread.join(HTTP_TIMEOUT + 5)
     assert not any(thread.is_alive() for thread in threads)
 
-    final = gunicorn.scrape()
     successes = len(ok)
-    # A sync worker serves one request at a time: at most one was cut off. It
-    # may have been recorded before the kill, so it may or may not count.
-    assert len(failed) <= 1, failed
-    for key in TOTALS:
-        assert successes <= final[key] <= successes + len(failed), (key, final[key], successes)
-    assert len(history) >= 10
-    for earlier, later in itertools.pairwise(history):
-        assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
-    assert all(a <= b for a, b in zip(history[-1], [final[k] for k in TOTALS], strict=True))
+    at_risk = sum(1 for p, at in ok if p == victim and at >= killed_at - interval - 2.0)
+    assert len(failed) <= 1, failed  # a sync worker serves one request at a time
 
-    # child_exit ran mark_process_dead: the victim's live gauge file is gone,
-    # its counters stay (that is what keeps the totals monotonic).
-    assert gunicorn.wait_for_log(rf"Worker \(pid:{victim}\) was sent SIGKILL")
-    files = {p.name for p in gunicorn.prometheus_dir.iterdir()}
-    assert f"gauge_livesum_{victim}.db" not in files
-    assert f"counter_{victim}.db" in files
-    assert final[LIVE_WORKERS] == 2
+    def settled() -> bool:
+        final = gunicorn.totals()
+        assert all(v <= successes + len(failed) for v in final), (final, successes)
+        return all(v >= successes - at_risk for v in final)
+
+    run_until(settled, "the survivors' values", 10)
+    final = gunicorn.totals()
+    assert len(history) >= 10
+    for earlier, later in itertools.pairwise([*history, final]):
+        assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
+    gunicorn.wait_for_log(rf"Worker \(pid:{victim}\) was sent SIGKILL")
+    assert not any(f.startswith(f"sigtrace-{victim}-") for f in gunicorn.files())
+    assert multiprocess.ARCHIVE_NAME in gunicorn.files()
+    assert gunicorn.scrape()[LIVE_WORKERS] == 2  # child_exit forgot the victim's gauge
+
+
+def test_exemplars_across_workers_in_one_openmetrics_scrape(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """Per bucket the exemplar is the freshest across workers: the last request
+    (sequential, so it is the newest observation in its bucket) is always one,
+    whichever worker served it."""
+    gunicorn = start_gunicorn(tmp_path, SIGTRACE_TRACING="true", SIGTRACE_CONSOLE_SPANS="true")
+    servers.append(gunicorn)
+    answered: list[dict[str, t.Any]] = []
+    workers_of_last: set[int] = set()
+    family = "sigtrace_http_request_duration_seconds"
+    for round_ in range(40):
+        answered.append(gunicorn.signup(f"ex{round_}"))
+        last = answered[-1]
+        if last["pid"] in workers_of_last:
+            continue  # wait for a last request served by the other worker
+        assert last["trace_id"] is not None
+        gunicorn.wait_for_totals(len(answered))
+        exemplars = bucket_exemplars(
+            gunicorn.scrape_text(openmetrics=True), family, endpoint="signup"
+        )
+        trace_ids = {a["trace_id"] for a in answered}
+        assert exemplars and all(trace_id in trace_ids for _, trace_id in exemplars), exemplars
+        assert last["trace_id"] in {trace_id for _, trace_id in exemplars}, (last, exemplars)
+        workers_of_last.add(last["pid"])
+        if len(workers_of_last) == 2:
+            break
+    assert len(workers_of_last) == 2, answered
+    receivers = bucket_exemplars(
+        gunicorn.scrape_text(openmetrics=True), "sigtrace_receiver_duration_seconds"
+    )  # only the signup route sends
+    assert receivers and all(trace_id in trace_ids for _, trace_id in receivers)
 
 
 class _Log:

@@ -157,9 +157,7 @@ class Prometheus:
         return t.cast(list[dict[str, t.Any]], data["result"])
 
     def query_range(self, expr: str, start: float, end: float) -> list[dict[str, t.Any]]:
-        data = self.get(
-            "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1"
-        )
+        data = self.get("/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1")
         assert data["resultType"] == "matrix", f"{expr}: {data}"
         return t.cast(list[dict[str, t.Any]], data["result"])
 
@@ -458,3 +456,103 @@ def test_exemplars_carry_trace_ids_of_the_demo_s_spans(
         printed_trace_ids,
         prometheus.remaining(),
     )
+
+
+# --------------------------------------------------------------------------
+# Exemplars across gunicorn workers
+
+
+def test_exemplars_from_both_gunicorn_workers_reach_prometheus(tmp_path: Path) -> None:
+    """A real Prometheus with exemplar storage scrapes a 2-worker gunicorn
+    (multiprocess mode, spans sampled): ``query_exemplars`` returns trace ids
+    of requests served by each of the two workers."""
+    from tests.servers import start_gunicorn
+
+    binary = require_tool("prometheus")
+    (tmp_path / "gunicorn").mkdir()
+    gunicorn = start_gunicorn(
+        tmp_path / "gunicorn", SIGTRACE_TRACING="true", SIGTRACE_CONSOLE_SPANS="true"
+    )
+    try:
+        _check_exemplars_of_both_workers(binary, gunicorn, tmp_path)
+    finally:
+        gunicorn.stop()
+
+
+def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Path) -> None:
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "gunicorn",
+                "static_configs": [{"targets": [f"127.0.0.1:{gunicorn.port}"]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'prometheus'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--enable-feature=exemplar-storage",
+        ],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    served: dict[str, int] = {}  # trace id -> pid of the worker that served it
+    stop_load = threading.Event()
+
+    def load(client: int) -> None:
+        # Two clients at once keep both sync workers serving.
+        for i in range(100_000):
+            if stop_load.wait(0.05):
+                return
+            answer = gunicorn.signup(f"prom{client}-{i}")
+            served[answer["trace_id"]] = answer["pid"]
+
+    loaders = [threading.Thread(target=load, args=(c,), daemon=True) for c in range(2)]
+    for loader in loaders:
+        loader.start()
+    server = Prometheus(port)
+    workers_seen: set[int] = set()
+    try:
+
+        def from_both_workers() -> bool:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            now = time.time()
+            try:
+                series = server.get(
+                    "/api/v1/query_exemplars",
+                    query='sigtrace_http_request_duration_seconds_bucket{job="gunicorn"}',
+                    start=str(now - 120),
+                    end=str(now),
+                )
+            except OSError:
+                return False  # not up yet
+            for entry in series:
+                for exemplar in entry["exemplars"]:
+                    trace_id = exemplar["labels"]["trace_id"]
+                    assert TRACE_ID.match(trace_id), exemplar
+                    if trace_id in served:
+                        workers_seen.add(served[trace_id])
+            return len(workers_seen) == 2
+
+        try:
+            wait_for("exemplars of both workers' traces", from_both_workers, DATA_TIMEOUT)
+        except AssertionError as error:
+            pids = sorted(served.values())
+            by_worker = {pid: pids.count(pid) for pid in set(pids)}
+            raise AssertionError(f"{error}; seen {workers_seen}, served {by_worker}") from None
+    finally:
+        stop_load.set()
+        for loader in loaders:
+            loader.join(HTTP_TIMEOUT + 5)
+        stop(proc)
+        log.close()
+    assert len(set(served.values())) == 2

@@ -11,9 +11,6 @@ checked on each span's JSON and on the OTLP bytes the exporter would send.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import typing as t
 import urllib.error
 import urllib.request
@@ -370,45 +367,18 @@ def test_the_gunicorn_master_s_server_requires_the_token(tmp_path: Path, secret:
     """The issue's set-up: gunicorn, multiprocess metrics, the metrics only on the
     separate port that ``sigtrace.gunicorn.when_ready`` serves from the master,
     and a token: without it that port answers 401, with it the workers' metrics."""
-    from tests.test_gunicorn import CONF, REPO, Gunicorn, free_port
+    from tests.servers import TOTALS, start_gunicorn
 
-    prometheus_dir = tmp_path / "prometheus"
-    prometheus_dir.mkdir()
-    (tmp_path / "gunicorn.conf.py").write_text(CONF)
-    metrics_port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SIGTRACE_", "OTEL_", "PROMETHEUS_MULTIPROC_DIR"))
-    }
-    env.update(
-        PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir),
-        SIGTRACE_TRACING="false",
-        SIGTRACE_METRICS_PATH="",
-        SIGTRACE_METRICS_PORT=str(metrics_port),
-        SIGTRACE_METRICS_TOKEN=secret,
-        PYTHONUNBUFFERED="1",
+    server = start_gunicorn(
+        tmp_path, metrics_port=True, SIGTRACE_METRICS_PATH="", SIGTRACE_METRICS_TOKEN=secret
     )
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "gunicorn", "-c", str(tmp_path / "gunicorn.conf.py")),
-            "tests.apps.gunicorn_app:app",
-        ],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    server = Gunicorn(proc, prometheus_dir)
+    metrics_port = server.metrics_port
     try:
-        listening = server.wait_for_log(r"Listening at: http://127\.0\.0\.1:(\d+)")
-        server.port = int(listening[0].group(1))
-        server.wait_for_log(r"Booting worker with pid: \d+", count=2)
-        server.wait_for_log(rf"serving all workers' metrics on http://127\.0\.0\.1:{metrics_port}")
         server.signup("ada")
+        # The workers publish within an interval; wait for it with the token.
+        server.headers = {"Authorization": f"Bearer {secret}"}
+        server.wait_for_totals(1, metrics_port)
+        assert server.totals(metrics_port) == [1] * len(TOTALS)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         assert get(url) == 401
         assert get(url, "Bearer not-the-token") == 401

@@ -1,8 +1,11 @@
 """A Flask app with SigTrace for the gunicorn tests: ``tests.apps.gunicorn_app:app``.
 
 ``GET /signup/<name>`` sends ``gunicorn-signup`` to two receivers and answers
-with the worker's pid (the tests learn the worker pids from it). Every worker
-sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import: in
+with the worker's pid and the request's trace id (the tests learn the worker
+pids, and which worker made which trace, from it). Importing the app sends
+``gunicorn-boot`` once (under ``--preload``: once in the master). Every worker
+sets ``test_live_workers`` (a ``livesum`` gauge) to 1 at import (not a
+``flask`` command): in
 multiprocess mode a dead worker's share disappears only when gunicorn's
 ``child_exit`` hook calls ``mark_process_dead``, so the gauge shows that the
 hook ran.
@@ -11,10 +14,12 @@ hook ran.
 from __future__ import annotations
 
 import os
+import sys
 import typing as t
 
 from blinker import Namespace
 from flask import Flask, jsonify
+from opentelemetry import trace
 from prometheus_client import Gauge
 
 from sigtrace import SigTrace
@@ -34,10 +39,11 @@ def count_signup(sender: t.Any, name: str) -> None:
 signed_up.connect(send_welcome)
 signed_up.connect(count_signup)
 
-live_workers = Gauge(
-    "test_live_workers", "Workers alive (one per process).", multiprocess_mode="livesum"
-)
-live_workers.set(1)
+if "gunicorn" in sys.modules or "uwsgi" in sys.modules:  # served, not the CLI
+    live_workers = Gauge(
+        "test_live_workers", "Workers alive (one per process).", multiprocess_mode="livesum"
+    )
+    live_workers.set(1)
 
 app = Flask("gunicorn-test")
 
@@ -45,7 +51,9 @@ app = Flask("gunicorn-test")
 @app.get("/signup/<name>")
 def signup(name: str) -> t.Any:
     signed_up.send(app, name=name)
-    return jsonify(pid=os.getpid())
+    context = trace.get_current_span().get_span_context()
+    trace_id = format(context.trace_id, "032x") if context.is_valid else None
+    return jsonify(pid=os.getpid(), trace_id=trace_id)
 
 
 @app.get("/health")
@@ -54,3 +62,4 @@ def health() -> t.Any:
 
 
 SigTrace(app)
+signals.signal("gunicorn-boot").send("boot")

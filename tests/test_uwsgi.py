@@ -1,0 +1,73 @@
+"""Real uWSGI (from PyPI) under ``PROMETHEUS_MULTIPROC_DIR``: exact totals.
+
+uWSGI loads the app in its master and forks workers from C, where Python's
+fork hooks do not run: the publisher notices the new pid at a worker's first
+request and drops the values copied from the master. Without
+``--enable-threads`` / ``--threads`` no publisher thread runs and values are
+published at the end of requests (at most once per interval) and at exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sigtrace import multiprocess
+from tests.servers import BOOT_SENDS, TOTALS, Server, start_uwsgi
+
+if sys.platform == "win32":  # pragma: no cover
+    pytest.skip("uWSGI does not run on Windows", allow_module_level=True)
+if not Path(sys.executable).with_name("uwsgi").exists():
+    pytest.fail("uwsgi is a dev dependency: pip install -e '.[dev]'")
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_processes_and_threads_total_every_request(tmp_path: Path, servers: list[Server]) -> None:
+    uwsgi = start_uwsgi(tmp_path, "--processes", "2", "--threads", "4")
+    servers.append(uwsgi)
+    n = 300
+    pids = uwsgi.load(n, threads=12)
+    assert len(set(pids)) == 2
+    uwsgi.wait_for_totals(n)
+    samples = uwsgi.scrape()
+    # The app was imported once, in the master (it published nothing: it
+    # never forks through Python); the workers' copies were reset.
+    assert samples.get(BOOT_SENDS, 0.0) == 0.0
+    uwsgi.stop(signal.SIGTERM)
+    assert uwsgi.directory_totals() == [n] * len(TOTALS)
+
+
+def test_without_threads_reloaded_workers_lose_nothing(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """No thread: values go out at requests' ends and at exit. Each worker is
+    reloaded gracefully (SIGHUP to a worker: what uWSGI's own recycling
+    options do), the dead workers' files are folded by a scrape, and after a
+    graceful stop the directory holds exact totals."""
+    uwsgi = start_uwsgi(tmp_path, "--processes", "2")
+    servers.append(uwsgi)
+    first = set(uwsgi.load(100, threads=4))
+    assert len(first) == 2
+    for pid in first:
+        os.kill(pid, signal.SIGHUP)  # a worker of this server, by pid
+    uwsgi.wait_for_log(r"Respawned uWSGI worker \d+", count=2)
+    second = set(uwsgi.load(100, threads=4, prefix="after"))
+    assert not second & first
+    uwsgi.scrape()  # folds the reloaded workers' files
+    files = uwsgi.files()
+    assert not any(f.startswith(f"sigtrace-{pid}-") for pid in first for f in files), files
+    assert multiprocess.ARCHIVE_NAME in files
+    uwsgi.stop(signal.SIGTERM)  # graceful: every worker publishes at exit
+    assert uwsgi.directory_totals() == [200] * len(TOTALS)
