@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import typing as t
 from unittest import mock
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import sigtrace
 from sigtrace import naming
-from sigtrace.metrics import DEFAULT_BUCKETS, OVERFLOW_VALUE, metric_set
+from sigtrace.metrics import DEFAULT_BUCKETS, FOLD_INTERVAL, OVERFLOW_VALUE, metric_set
 from tests.conftest import run_threads, sample, series
 
 NS = blinker.Namespace()
@@ -355,3 +356,21 @@ def test_a_second_instrument_with_other_options_names_the_option(
     sigtrace.uninstrument()
     sigtrace.uninstrument()
     assert not sigtrace.is_instrumented()
+
+
+def test_recorded_durations_are_folded_without_any_scrape(registry: CollectorRegistry) -> None:
+    """The per-process fold thread bounds what waits in a histogram's list."""
+    signal = blinker.NamedSignal("folded")
+    signal.connect(lambda sender, **kw: None, weak=False)
+    sigtrace.instrument(registry=registry)
+    for _ in range(1000):
+        signal.send("x")
+    child = metric_set(registry).signal_duration.child("folded")
+    waiting = [len(child._pending)]
+    deadline = 10 * FOLD_INTERVAL
+    started = time.monotonic()
+    while child._pending and time.monotonic() - started < deadline:
+        time.sleep(FOLD_INTERVAL / 10)
+    waiting.append(len(child._pending))
+    assert waiting[-1] == 0, f"values still waiting after {deadline} s: {waiting}"
+    assert sum(child._counts) == 1000  # folded, not dropped
