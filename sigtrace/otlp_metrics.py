@@ -255,6 +255,7 @@ class OtlpMetricsPusher:
         self.timeout = timeout
         self.start_ns = time.time_ns()
         self._stop = threading.Event()
+        self._last_export = True
         self._export_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -267,13 +268,16 @@ class OtlpMetricsPusher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.export()
+        if self._last_export:  # on this thread: Python 3.12 starts none at exit
+            self.export(timeout=EXIT_EXPORT_SECONDS)
 
-    def export(self) -> None:
+    def export(self, timeout: float | None = None) -> None:
         """Export the current values once; failures are logged, never raised."""
         try:
             with self._export_lock:
                 data = metrics_data(self.metrics, self.resource, self.start_ns)
-                self.exporter.export(data, timeout_millis=self.timeout * 1000)
+                seconds = self.timeout if timeout is None else timeout
+                self.exporter.export(data, timeout_millis=seconds * 1000)
         except Exception:
             log.warning("sigtrace: exporting metrics over OTLP failed", exc_info=True)
 
@@ -286,14 +290,14 @@ class OtlpMetricsPusher:
 
     def stop(self, last_export: bool = True) -> None:
         """Stop the thread; export once more (at most :data:`EXIT_EXPORT_SECONDS`)."""
+        self._last_export = last_export
         self._stop.set()
         thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=EXIT_EXPORT_SECONDS)  # it may be mid-export to a dead collector
-        if last_export:
-            final = threading.Thread(target=self.export, name="sigtrace-otlp-last", daemon=True)
-            final.start()
-            final.join(timeout=EXIT_EXPORT_SECONDS)
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            # It exports the last values itself; it may be mid-export to a dead collector.
+            thread.join(timeout=2 * EXIT_EXPORT_SECONDS)
+        elif last_export:
+            self.export(timeout=EXIT_EXPORT_SECONDS)
         try:
             self.exporter.shutdown(timeout_millis=EXIT_EXPORT_SECONDS * 1000)
         except Exception:

@@ -276,6 +276,7 @@ def setup_sdk(
         _sdk_provider, _sdk_exporter = provider, once
         if once is not None:
             _limit_exporter_logs()
+        _exit_deadline.ready()
         atexit.register(shutdown_sdk)
         return provider
 
@@ -462,16 +463,67 @@ def shutdown_sdk() -> None:
         filters = list(_log_filters)
         _log_filters.clear()
     if provider is not None:
-        deadline = threading.Timer(EXIT_FLUSH_SECONDS, exporter.shutdown if exporter else _noop)
-        deadline.daemon = True
-        deadline.start()
+        _exit_deadline.arm(exporter.shutdown if exporter else _noop)
         try:
             provider.shutdown()  # flushes through the batch processor
         finally:
-            deadline.cancel()
+            _exit_deadline.disarm()
     for logger, log_filter in filters:
         logger.removeFilter(log_filter)
 
 
 def _noop() -> None:
     return None
+
+
+class _ExitDeadline:
+    """Calls an action :data:`EXIT_FLUSH_SECONDS` after :meth:`arm` unless disarmed.
+
+    Its thread is started ahead of time (and again in a forked child), since
+    Python 3.12 refuses to start a thread in an ``atexit`` hook, where the
+    flush runs.
+    """
+
+    def __init__(self) -> None:
+        self._armed = threading.Event()
+        self._disarmed = threading.Event()
+        self._action: t.Callable[[], object] = _noop
+        self._thread: threading.Thread | None = None
+
+    def ready(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._armed, self._disarmed = threading.Event(), threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, name="sigtrace-exit-deadline", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        self._armed.wait()
+        if not self._disarmed.wait(EXIT_FLUSH_SECONDS):
+            try:
+                self._action()
+            except Exception:
+                log.debug("sigtrace: stopping the span exporter failed", exc_info=True)
+
+    def arm(self, action: t.Callable[[], object]) -> None:
+        self._action = action
+        if self._thread is None or not self._thread.is_alive():
+            try:
+                self.ready()
+            except RuntimeError:  # at interpreter shutdown: no deadline to be had
+                return
+        self._armed.set()
+
+    def disarm(self) -> None:
+        self._disarmed.set()
+
+    def after_fork_in_child(self) -> None:
+        self._thread = None
+        if _sdk_provider is not None:
+            self.ready()
+
+
+_exit_deadline = _ExitDeadline()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_exit_deadline.after_fork_in_child)
