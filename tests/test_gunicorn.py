@@ -28,6 +28,7 @@ from tests.servers import (
     BOOT_SENDS,
     HTTP_TIMEOUT,
     LIVE_WORKERS,
+    PUBLISH_DEADLINE,
     TOTALS,
     Server,
     bucket_exemplars,
@@ -219,12 +220,8 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
             continue  # wait for a last request served by the other worker
         assert last["trace_id"] is not None
         gunicorn.wait_for_totals(len(answered))
-        exemplars = bucket_exemplars(
-            gunicorn.scrape_text(openmetrics=True), family, endpoint="signup"
-        )
         trace_ids = {a["trace_id"] for a in answered}
-        assert exemplars and all(trace_id in trace_ids for _, trace_id in exemplars), exemplars
-        assert last["trace_id"] in {trace_id for _, trace_id in exemplars}, (last, exemplars)
+        wait_for_exemplar(gunicorn, family, last["trace_id"], trace_ids)
         workers_of_last.add(last["pid"])
         if len(workers_of_last) == 2:
             break
@@ -233,6 +230,27 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
         gunicorn.scrape_text(openmetrics=True), "sigtrace_receiver_duration_seconds"
     )  # only the signup route sends
     assert receivers and all(trace_id in trace_ids for _, trace_id in receivers)
+
+
+def wait_for_exemplar(gunicorn: Server, family: str, trace_id: str, known: set[str]) -> None:
+    """Poll OpenMetrics scrapes until ``trace_id`` is an exemplar of ``family``'s
+    signup series; every exemplar seen must be one of ``known``. A snapshot
+    may catch an observation's count a moment before its exemplar; the next
+    publish (within the interval) carries both."""
+    seen: list[list[tuple[str, str]]] = []
+
+    def found() -> bool:
+        exemplars = bucket_exemplars(
+            gunicorn.scrape_text(openmetrics=True), family, endpoint="signup"
+        )
+        seen.append(exemplars)
+        assert exemplars and all(t in known for _, t in exemplars), exemplars
+        return trace_id in {t for _, t in exemplars}
+
+    try:
+        run_until(found, f"exemplar {trace_id}", PUBLISH_DEADLINE)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last scrape {seen[-1:]}") from None
 
 
 class _Log:
