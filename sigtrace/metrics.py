@@ -252,6 +252,12 @@ class Family:
         for _, child in self.children():
             child.reset()
 
+    def new_locks(self) -> None:
+        self._lock = threading.Lock()
+        for child in self._children.values():
+            if isinstance(child, HistogramChild):
+                child._lock = threading.Lock()
+
     def fold(self) -> None:
         if self.kind == "histogram":
             for _, child in self.children():
@@ -335,9 +341,16 @@ class MetricSet:
         _folder.watch(self)
 
     def reset(self) -> None:
-        """Zero every value (a forked child must not count its parent's values again)."""
+        """Zero every value."""
         for family in self.families:
             family.reset()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: new locks (a parent's thread may have held one at
+        the fork), then zero every value, which the child must not count again."""
+        for family in self.families:
+            family.new_locks()
+        self.reset()
 
     def fold(self) -> None:
         for family in self.families:

@@ -528,7 +528,7 @@ class Publisher:
     def _adopt_child(self) -> None:
         """In a forked child: forget the parent's values and file."""
         self._pid = os.getpid()
-        self.metrics.reset()
+        self.metrics.after_fork_in_child()
         self._new_process_state()
 
     def _run(self) -> None:
