@@ -9,7 +9,7 @@ classes still do the exposition (:class:`prometheus_client.registry.Collector`).
 
 A histogram's recorded values wait in their list until they are *folded* into
 bucket counts and a sum: by a scrape, by any other reader of
-:meth:`Family.snapshot`, or at the latest after :data:`FOLD_INTERVAL` by one
+:meth:`MetricFamily.snapshot`, or at the latest after :data:`FOLD_INTERVAL` by one
 daemon thread per process, which bounds the memory they take. Folding sorts
 the batch and bisects it once per bucket bound.
 
@@ -43,7 +43,7 @@ __all__ = [
     "FOLD_INTERVAL",
     "OVERFLOW_VALUE",
     "CounterChild",
-    "Family",
+    "MetricFamily",
     "HistogramChild",
     "HistogramValue",
     "MetricSet",
@@ -172,7 +172,7 @@ Child = CounterChild | HistogramChild
 Sample = tuple[tuple[str, ...], float | HistogramValue]
 
 
-class Family:
+class MetricFamily:
     """One metric family: children by label values, with a cardinality cap."""
 
     def __init__(
@@ -265,7 +265,7 @@ class Family:
 
 
 def prometheus_family(
-    family: Family, samples: Iterable[Sample]
+    family: MetricFamily, samples: Iterable[Sample]
 ) -> CounterMetricFamily | HistogramMetricFamily:
     """prometheus-client's metric family for ``samples`` of ``family``."""
     if family.kind == "counter":
@@ -300,8 +300,8 @@ class MetricSet:
 
         def family(
             name: str, doc: str, labels: Sequence[str], kind: t.Literal["counter", "histogram"]
-        ) -> Family:
-            return Family(name, doc, labels, kind, buckets, max_label_values, warned)
+        ) -> MetricFamily:
+            return MetricFamily(name, doc, labels, kind, buckets, max_label_values, warned)
 
         self.signal_sends = family(
             "sigtrace_signal_sends_total",
@@ -358,7 +358,7 @@ class MetricSet:
 
 
 class _FamiliesCollector(Collector):
-    def __init__(self, families: Iterable[Family]) -> None:
+    def __init__(self, families: Iterable[MetricFamily]) -> None:
         self._families = tuple(families)
 
     def collect(self) -> Iterable[t.Any]:

@@ -1,7 +1,7 @@
 """Metrics over OTLP: the six families pushed now and then, read from the scrape's own core.
 
 With ``OTEL_METRICS_EXPORTER=otlp`` a background thread reads every family's
-:meth:`~sigtrace.metrics.Family.snapshot` each ``OTEL_METRIC_EXPORT_INTERVAL``
+:meth:`~sigtrace.metrics.MetricFamily.snapshot` each ``OTEL_METRIC_EXPORT_INTERVAL``
 milliseconds (default 60000), turns it into the SDK's ``MetricsData`` and hands
 it to the OTLP metric exporter (gRPC or HTTP, per ``OTEL_EXPORTER_OTLP_*``).
 Nothing is added to a send or a request: the export reads the same in-memory

@@ -304,14 +304,14 @@ class RaisingHistogram(metrics.HistogramChild):
 
 def sabotage_children(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """Make every metric child of ``kind`` the families create raise when used."""
-    make_child = metrics.Family._make_child
+    make_child = metrics.MetricFamily._make_child
 
-    def faulty_child(self: metrics.Family, values: tuple[str, ...]) -> t.Any:
+    def faulty_child(self: metrics.MetricFamily, values: tuple[str, ...]) -> t.Any:
         if self.kind != kind:
             return make_child(self, values)
         return RaisingCounter() if kind == "counter" else RaisingHistogram(self.bounds)
 
-    monkeypatch.setattr(metrics.Family, "_make_child", faulty_child)
+    monkeypatch.setattr(metrics.MetricFamily, "_make_child", faulty_child)
 
 
 def instrument_world(
