@@ -267,7 +267,7 @@ def _floor() -> Mode:
         try:
             return user_signed_up.send(sender, **kwargs)
         finally:
-            span.set_attribute("blinker.receivers.count", len(RECEIVERS))
+            span.set_attribute("blinker.receivers.called", len(RECEIVERS))
             detach(token)
             span.end()
 
@@ -291,12 +291,22 @@ def _floor() -> Mode:
     @app.before_request
     def start_request_span() -> None:
         request = flask.request
+        environ = request.environ
         route = request.url_rule.rule if request.url_rule is not None else ""
+        host, colon, port = environ.get("HTTP_HOST", "").rpartition(":")
+        if not colon:
+            host, port = port, ""
         attributes = {
             "http.request.method": request.method,
             "url.path": request.path,
             "url.scheme": request.scheme,
             "http.route": route,
+            # The server span's recommended attributes, as sigtrace sets them.
+            "server.address": host or environ.get("SERVER_NAME", ""),
+            "server.port": int(port or environ.get("SERVER_PORT", 0)),
+            "client.address": environ.get("REMOTE_ADDR", ""),
+            "user_agent.original": environ.get("HTTP_USER_AGENT", ""),
+            "network.protocol.version": environ.get("SERVER_PROTOCOL", "HTTP/1.1")[5:],
         }
         span = tracer.start_span(
             f"{request.method} {route}", kind=SpanKind.SERVER, attributes=attributes
