@@ -1,4 +1,4 @@
-"""The traced send keeps blinker's semantics exactly (DESIGN.md)."""
+"""The traced send keeps blinker's semantics exactly (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
