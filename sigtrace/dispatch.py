@@ -76,7 +76,7 @@ class Active:
             else None
         )
         self.spans: SpanSettings | None = None
-        if options.tracing_enabled and options.spans != "none":
+        if options.tracing_enabled:  # "none": no span, but the parent's exemplar
             self.spans = SpanSettings(
                 tracing.get_tracer(options.tracer_provider),
                 options.spans in ("all", "signals"),

@@ -591,6 +591,20 @@ def test_receiver_histogram_exemplar_carries_the_sampled_trace_id(
     assert found == [trace_id]
 
 
+def test_spans_none_makes_no_span_but_keeps_the_parent_s_exemplar(
+    registry: CollectorRegistry, tracing: Tracing
+) -> None:
+    instrument(registry, tracing, spans="none")
+    sig = NS.signal("tr-exemplar-no-spans")
+    sig.connect(on_signup)
+    with tracing.parent() as parent:
+        sig.send("sender")
+    assert [s.name for s in tracing.spans()] == ["parent"]
+    trace_id = format(parent.get_span_context().trace_id, "032x")
+    found = _exemplar_trace_ids(openmetrics_latest(registry).decode(), ON_SIGNUP)
+    assert found == [trace_id]
+
+
 # --------------------------------------------------------------------------
 # SDK set-up from the environment (in process: nothing here sets the global
 # provider; the subprocess tests in test_export.py cover the real set-up)
