@@ -88,6 +88,15 @@ __all__: list[str] = ["require_tool", "sample", "samples_from_text", "series"]
 _ = t
 
 
+@pytest.fixture
+def frequent_thread_switches() -> Iterator[None]:
+    """Switch threads every few bytecodes, so sends really interleave."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
 def run_threads(count: int, work: Callable[[int], None]) -> None:
     """Run ``work(index)`` in ``count`` threads started together; re-raise failures."""
     barrier = threading.Barrier(count)

@@ -10,7 +10,6 @@ ancestor carries another tag.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -32,16 +31,8 @@ THREADS = 16
 PER_THREAD = 60
 TASKS = 200
 
-pytestmark = pytest.mark.usefixtures("clean_otel_context")
+pytestmark = pytest.mark.usefixtures("clean_otel_context", "frequent_thread_switches")
 
-
-@pytest.fixture(autouse=True)
-def frequent_thread_switches() -> Iterator[None]:
-    """Switch threads every few bytecodes, so sends really interleave."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(interval)
 
 
 class Spans:

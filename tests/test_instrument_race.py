@@ -13,7 +13,6 @@ bytecodes so the two sides really interleave. No assertion is about time.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 import typing as t
@@ -31,15 +30,8 @@ CYCLES = 20_000
 TIME_BOUND = 3.0  # seconds: a bound on the loop, never asserted
 SENDERS = 2
 
-pytestmark = pytest.mark.usefixtures("clean_otel_context")
+pytestmark = pytest.mark.usefixtures("clean_otel_context", "frequent_thread_switches")
 
-
-@pytest.fixture(autouse=True)
-def frequent_thread_switches() -> Iterator[None]:
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(interval)
 
 
 @pytest.fixture(autouse=True)
