@@ -1,4 +1,1 @@
-"""Benchmarks: sigtrace against bare Flask/blinker and its peers, on pyperf.
-
-Run ``python -m benchmarks.run [--quick]``; see ``benchmarks/README.md``.
-"""
+"""Benchmarks: sigtrace against bare Flask/blinker and its peers (``benchmarks/README.md``)."""

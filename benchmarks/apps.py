@@ -1,12 +1,5 @@
-"""The benchmarked app and the instrumentation modes it runs under.
-
-One app for every mode: ``GET /signup/<name>`` sends the custom blinker signal
-``user-signed-up`` to three receivers (the demo's signup route, with receivers
-that do almost nothing, so that the instrumentation is what is measured).
-:func:`build` sets up one mode; call it once per process, since the
-instrumentations patch process-wide state, and before anything imports
-``prometheus_client`` (it reads ``PROMETHEUS_MULTIPROC_DIR`` at import).
-"""
+"""The benchmarked app and its modes: ``GET /signup/<name>`` sends ``user-signed-up``
+to three receivers that do nothing, so that the instrumentation is what is measured."""
 
 from __future__ import annotations
 
@@ -20,13 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import flask
-import pyperf  # type: ignore[import-untyped]
 from blinker import Namespace
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-MODES: dict[str, str] = {
+MODES: dict[str, str] = {  # per-request modes, in table order; -mp: multiprocess metrics
     "bare": "Flask alone",
     "pfe": 'prometheus-flask-exporter, `PrometheusMetrics(app, group_by="endpoint")`',
     "pfe-mp": "prometheus-flask-exporter, multiprocess: `GunicornInternalPrometheusMetrics`",
@@ -38,11 +30,13 @@ MODES: dict[str, str] = {
     "sigtrace-full": "`SigTrace(app)`, metrics and spans (request, signal, 3 receivers)",
     "sigtrace-full-mp": "the same, multiprocess",
 }
-"""Per-request modes, in table order; ``-mp``: multiprocess metrics."""
-
-SIGNUP_PATH = "/signup/alice"
-SIGNAL_NAME = "user-signed-up"
-_SIGNUP = frozenset({"signup", SIGNAL_NAME})
+SIGNUP_PATH, SIGNAL_NAME = "/signup/alice", "user-signed-up"
+_SIGNUP = frozenset({"signup", SIGNAL_NAME})  # the endpoint's and the signal's label values
+_PFE = {"flask_http_request_duration_seconds_count": 1}  # samples per request
+_SIGTRACE = {
+    "sigtrace_http_request_duration_seconds_count": 1,
+    "sigtrace_receiver_duration_seconds_count": 3,
+}
 
 
 def receiver(name: str) -> Callable[..., None]:
@@ -60,10 +54,9 @@ RECEIVERS = tuple(receiver(n) for n in ("send_welcome_email", "count_user", "wri
 
 
 class NullSpanExporter(SpanExporter):
-    """Drops spans after counting them: the cost measured is the SDK's, never a network's."""
+    """Counts spans and drops them: the cost measured is the SDK's, never a network's."""
 
-    def __init__(self) -> None:
-        self.count = 0
+    count = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.count += len(spans)
@@ -72,52 +65,25 @@ class NullSpanExporter(SpanExporter):
 
 def tracer_provider() -> tuple[TracerProvider, NullSpanExporter]:
     """The global SDK provider (always on, batch processor), set before any instrumentation."""
-    exporter = NullSpanExporter()
-    provider = TracerProvider()
+    exporter, provider = NullSpanExporter(), TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider, exporter
 
 
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+def timed(setup: Callable[..., Callable[[int], None]], *args: t.Any) -> t.Any:
+    """A pyperf time function: ``setup(*args)`` runs once in the worker, untimed, and returns
+    ``run(loops)``, timed in CPU time of all the worker's threads (see the README)."""
+    ready: list[Callable[[int], None]] = []
 
+    def time_func(loops: int) -> float:
+        if not ready:
+            ready.append(setup(*args))
+        started = time.process_time()
+        ready[0](loops)
+        return time.process_time() - started
 
-def make_runner(module: str) -> tuple[pyperf.Runner, Callable[[], float]]:
-    """pyperf's runner for ``python -m module``, and the clock (``--clock``) its workers use.
-
-    ``cpu``: the process's CPU time, all threads included (the span processor's
-    too); a process waiting for a core accrues none, so on a shared machine it
-    moves much less with other load than ``wall`` (``perf_counter``) does.
-    """
-    runner = pyperf.Runner(
-        program_args=("-m", module),
-        add_cmdline_args=lambda cmd, args: cmd.extend(("--clock", args.clock)),
-    )
-    runner.argparser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
-    runner.metadata["clock"] = clock = runner.parse_args().clock
-    return runner, CLOCKS[clock]
-
-
-class Timed:
-    """A pyperf time function: ``setup()`` at the first call in a worker, then ``run(loops)``
-    timed with ``clock``."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock, self.ready = clock, False
-
-    def __call__(self, loops: int) -> float:
-        if not self.ready:
-            self.setup()
-            self.ready = True
-        started = self.clock()
-        self.run(loops)
-        return self.clock() - started
-
-    def setup(self) -> None:
-        raise NotImplementedError
-
-    def run(self, n: int) -> None:
-        raise NotImplementedError
+    return time_func
 
 
 @dataclass
@@ -131,12 +97,8 @@ class Mode:
     of: t.AbstractSet[str] = _SIGNUP  # label values the samples are counted for
 
     def check(self, requests: int) -> None:
-        """Raise unless the mode recorded exactly what ``requests`` requests should make.
-
-        Read from a real scrape of the app's ``/metrics`` and from the span
-        exporter: a mode that silently recorded nothing would be cheap, and wrong.
-        """
-        want = {name: per_request * requests for name, per_request in self.samples.items()}
+        """Raise unless a scrape of ``/metrics`` and the exporter hold what ``requests`` make."""
+        want = {name: n * requests for name, n in self.samples.items()}
         got: dict[str, float] = {}
         if self.spans:  # first: a scrape makes a span in the otel modes
             provider, exporter, per_request = self.spans
@@ -144,22 +106,19 @@ class Mode:
             got["spans"], want["spans"] = exporter.count, per_request * requests
         deadline = time.monotonic() + 5  # multiprocess values may be published periodically
         while self.samples:
-            response = self.app.test_client().get("/metrics")  # a real scrape
-            got.update(count_samples(response.get_data(as_text=True), self.samples, self.of))
+            text = self.app.test_client().get("/metrics").get_data(as_text=True)
+            got.update(count_samples(text, self.samples, self.of))
             if got == want or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         if got != want:
-            raise RuntimeError(
-                f"{self.name}: recorded {got} after {requests} requests, want {want}"
-            )
+            raise RuntimeError(f"{self.name}: recorded {got} after {requests} requests, not {want}")
 
 
 def count_samples(
     text: str, names: t.Iterable[str], of: t.AbstractSet[str] = _SIGNUP
 ) -> dict[str, float]:
-    """Sum the samples named ``names`` with a label value in ``of`` (default: the signup
-    endpoint's and the signup signal's) in a Prometheus text exposition."""
+    """Sum the samples named ``names`` with a label value in ``of`` in a text exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
     totals = dict.fromkeys(names, 0.0)
@@ -170,12 +129,12 @@ def count_samples(
     return totals
 
 
-def create_signup_app(
+def signup_app(
     send: Callable[..., t.Any] | None = None,
     wrap: Callable[[Callable[..., None]], Callable[..., None]] = lambda r: r,
     config: dict[str, t.Any] | None = None,
 ) -> flask.Flask:
-    """The signup app; ``send`` and ``wrap`` let the floor mode add its spans by hand."""
+    """The signup app; ``send`` and ``wrap`` let the floor add its spans by hand."""
     app = flask.Flask("signup")
     app.config.update(config or {})
     for receiver in RECEIVERS:
@@ -191,42 +150,33 @@ def create_signup_app(
     return app
 
 
-_PFE = {"flask_http_request_duration_seconds_count": 1}
-_SIGTRACE = {
-    "sigtrace_http_request_duration_seconds_count": 1,
-    "sigtrace_receiver_duration_seconds_count": len(RECEIVERS),
-}
-
-
 def build(mode: str) -> Mode:
-    """Set up ``mode`` in this process (see :data:`MODES`)."""
+    """Set up ``mode`` (see :data:`MODES`): once per process, since the instrumentations
+    patch process-wide state, and before ``prometheus_client`` is imported (it reads
+    ``PROMETHEUS_MULTIPROC_DIR`` at import)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
     if mode.endswith("-mp") and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # A fresh directory, removed at exit (the real-server run sets one for all workers).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="sigtrace-mp-")
         atexit.register(shutil.rmtree, path, True)
     if mode == "floor":
         return _floor()
-    spans = None
-    tracing = mode.startswith("sigtrace-full")
+    spans, tracing = None, mode.startswith("sigtrace-full")
     if tracing or mode.startswith("otel"):
-        provider, exporter = tracer_provider()
-        spans = (provider, exporter, 5 if tracing else 1)
-    app = create_signup_app(config={"SIGTRACE_TRACING": tracing})
-    samples: dict[str, int] = {}
+        spans = (*tracer_provider(), 5 if tracing else 1)
+    app, samples = signup_app(config={"SIGTRACE_TRACING": tracing}), {}
+    if mode.startswith("pfe") or mode == "otel+pfe":
+        samples = _PFE
     if mode in ("pfe", "otel+pfe"):
         from prometheus_flask_exporter import PrometheusMetrics  # type: ignore[import-untyped]
 
         PrometheusMetrics(app, group_by="endpoint")
-        samples = _PFE
     elif mode == "pfe-mp":
         from prometheus_flask_exporter.multiprocess import (  # type: ignore[import-untyped]
             GunicornInternalPrometheusMetrics,
         )
 
         GunicornInternalPrometheusMetrics(app, group_by="endpoint")
-        samples = _PFE
     elif mode.startswith("sigtrace"):
         from sigtrace import SigTrace
 
@@ -245,30 +195,23 @@ def wsgi_app() -> flask.Flask:
 
 
 def _floor() -> Mode:
-    """The five spans sigtrace makes, made by hand with the SDK and nothing else.
-
-    A request SERVER span (before/after_request), the signal span around the
-    send and one span per receiver, each made current, with sigtrace's
-    attributes: what any design making these spans costs at least.
-    """
-    from opentelemetry import context
+    """The five spans sigtrace makes, with its attributes, each made current, by hand with
+    the SDK: what any design making them costs at least. ``attach`` by hand, not
+    ``start_as_current_span``, whose context-manager machinery is a cost of its own."""
     from opentelemetry.trace import SpanKind
 
     provider, exporter = tracer_provider()
-    tracer = provider.get_tracer("floor")
-    # By hand, not start_as_current_span: its context-manager machinery is a cost
-    # of that API, not of making the spans, and the floor must not carry it.
-    attach, detach, in_context = context.attach, context.detach, trace.set_span_in_context
+    tracer, in_context = provider.get_tracer("floor"), trace.set_span_in_context
 
     def send(sender: t.Any, **kwargs: t.Any) -> t.Any:
         attributes = {"blinker.signal.name": SIGNAL_NAME, "flask.app.name": sender.name}
         span = tracer.start_span(f"signal {SIGNAL_NAME}", attributes=attributes)
-        token = attach(in_context(span))
+        token = context.attach(in_context(span))
         try:
             return user_signed_up.send(sender, **kwargs)
         finally:
             span.set_attribute("blinker.receivers.called", len(RECEIVERS))
-            detach(token)
+            context.detach(token)
             span.end()
 
     def wrap(receiver: Callable[..., None]) -> Callable[..., None]:
@@ -277,47 +220,42 @@ def _floor() -> Mode:
 
         def traced(sender: t.Any, **kwargs: t.Any) -> None:
             span = tracer.start_span(f"receiver {name}", attributes=attributes)
-            token = attach(in_context(span))
+            token = context.attach(in_context(span))
             try:
                 return receiver(sender, **kwargs)
             finally:
-                detach(token)
+                context.detach(token)
                 span.end()
 
         return traced
 
-    app = create_signup_app(send, wrap)
+    app = signup_app(send, wrap)
 
     @app.before_request
     def start_request_span() -> None:
-        request = flask.request
-        environ = request.environ
+        request, environ = flask.request, flask.request.environ
         route = request.url_rule.rule if request.url_rule is not None else ""
         host, colon, port = environ.get("HTTP_HOST", "").rpartition(":")
-        if not colon:
-            host, port = port, ""
-        attributes = {
+        host, port = (host, port) if colon else (port, "")
+        attributes = {  # the required and recommended attributes, as sigtrace sets them
             "http.request.method": request.method,
             "url.path": request.path,
             "url.scheme": request.scheme,
             "http.route": route,
-            # The server span's recommended attributes, as sigtrace sets them.
             "server.address": host or environ.get("SERVER_NAME", ""),
             "server.port": int(port or environ.get("SERVER_PORT", 0)),
             "client.address": environ.get("REMOTE_ADDR", ""),
             "user_agent.original": environ.get("HTTP_USER_AGENT", ""),
             "network.protocol.version": environ.get("SERVER_PROTOCOL", "HTTP/1.1")[5:],
         }
-        span = tracer.start_span(
-            f"{request.method} {route}", kind=SpanKind.SERVER, attributes=attributes
-        )
-        flask.g.floor_span = (span, attach(in_context(span)))
+        span = tracer.start_span(f"{request.method} {route}", None, SpanKind.SERVER, attributes)
+        flask.g.floor_span = (span, context.attach(in_context(span)))
 
     @app.after_request
     def end_request_span(response: flask.Response) -> flask.Response:
         span, token = flask.g.pop("floor_span")
         span.set_attribute("http.response.status_code", response.status_code)
-        detach(token)
+        context.detach(token)
         span.end()
         return response
 

@@ -1,17 +1,11 @@
-"""gunicorn settings for the real-server run, as the README tells users to run it.
-
-``PROMETHEUS_MULTIPROC_DIR`` is set (to an empty directory) by the run;
-sigtrace's modes use its hooks, prometheus-flask-exporter's mode its own
-gunicorn class's. ``BENCH_MODE`` and ``BENCH_BIND`` come from the run.
-"""
+"""gunicorn settings for the real-server run (``server.py`` sets the environment)."""
 
 import os
 import typing as t
 
-mode = os.environ["BENCH_MODE"]
-if mode.startswith("sigtrace"):
+if os.environ["BENCH_MODE"].startswith("sigtrace"):
     from sigtrace.gunicorn import *  # noqa: F403 (every hook it has, as the README lists)
-elif mode.startswith("pfe"):
+elif os.environ["BENCH_MODE"].startswith("pfe"):  # as prometheus-flask-exporter's docs say
     from prometheus_flask_exporter.multiprocess import (  # type: ignore[import-untyped]
         GunicornInternalPrometheusMetrics,
     )
@@ -21,8 +15,6 @@ elif mode.startswith("pfe"):
 
 
 bind = os.environ["BENCH_BIND"]
-workers = 2
-worker_class = "sync"
-loglevel = "warning"
-graceful_timeout = 3
+workers, worker_class = 2, "sync"
+loglevel, graceful_timeout = "warning", 3
 control_socket_disable = True  # gunicorn >= 27: no shared control socket in $HOME

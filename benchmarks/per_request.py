@@ -1,18 +1,13 @@
-"""Per-request cost: the signup app in every mode, driven by direct WSGI calls.
-
-    python -m benchmarks.per_request -o per_request.json [pyperf options]
-
-A pyperf script: one benchmark per mode of :data:`benchmarks.apps.MODES`.
-pyperf runs each benchmark in its own worker processes, so a mode is set up
-(and its ``PROMETHEUS_MULTIPROC_DIR`` set) in a fresh process, at the first
-call, outside the timed region. No server and no socket: one environ built
-with werkzeug's ``EnvironBuilder``, copied per request, the body consumed.
-"""
+"""Per request: the signup app in every mode, called as a WSGI app, no server (a pyperf
+script: ``python -m benchmarks.per_request -o out.json``; see ``benchmarks/README.md``)."""
 
 from __future__ import annotations
 
 import typing as t
 from collections.abc import Callable
+
+import pyperf  # type: ignore[import-untyped]
+from werkzeug.test import EnvironBuilder
 
 from . import apps
 
@@ -24,35 +19,28 @@ def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> None:
         raise RuntimeError(f"unexpected status {status}")
 
 
-class Requests(apps.Timed):
-    """``n`` requests to the signup app in ``mode``."""
+def requests(mode: str) -> Callable[[int], None]:
+    """Set up ``mode`` in this worker; return ``run(n)``: ``n`` requests."""
+    built = apps.build(mode)
+    app: t.Any = built.app
+    environ = EnvironBuilder(path=apps.SIGNUP_PATH).get_environ()
 
-    def __init__(self, mode: str, clock: Callable[[], float]) -> None:
-        super().__init__(clock)
-        self.mode = mode
-
-    def setup(self) -> None:
-        from werkzeug.test import EnvironBuilder
-
-        built = apps.build(self.mode)
-        self.app: t.Any = built.app
-        self.environ = EnvironBuilder(path=apps.SIGNUP_PATH).get_environ()
-        self.run(WARMUP_REQUESTS)
-        built.check(WARMUP_REQUESTS)
-
-    def run(self, n: int) -> None:
-        app, environ = self.app, self.environ
+    def run(n: int) -> None:
         for _ in range(n):
             body = app(environ.copy(), start_response)
             for _chunk in body:
                 pass
             body.close()
 
+    run(WARMUP_REQUESTS)
+    built.check(WARMUP_REQUESTS)
+    return run
+
 
 def main() -> None:
-    runner, clock = apps.make_runner("benchmarks.per_request")
+    runner = pyperf.Runner(program_args=("-m", "benchmarks.per_request"))
     for mode in apps.MODES:
-        runner.bench_time_func(f"request {mode}", Requests(mode, clock))
+        runner.bench_time_func(f"request {mode}", apps.timed(requests, mode))
 
 
 if __name__ == "__main__":

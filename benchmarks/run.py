@@ -1,9 +1,5 @@
-"""The one entry point: ``python -m benchmarks.run [--quick] [--only ...] [--clock wall]``.
-
-Runs the pyperf scripts ``benchmarks/per_send.py`` and ``per_request.py`` (their
-JSON files stay in ``--results-dir``, for ``python -m pyperf show|compare_to``)
-and the real-server run, prints markdown tables and writes ``summary.md``.
-"""
+"""``python -m benchmarks.run [--quick | --smoke] [--only ...]``: the pyperf scripts and
+the real-server run, as markdown tables and ``summary.md`` (see ``benchmarks/README.md``)."""
 
 from __future__ import annotations
 
@@ -12,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -116,51 +113,43 @@ def server_table(result: dict[str, t.Any]) -> str:
 
 
 def machine() -> str:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES.split())
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    """The commit, the CPU, the versions measured and the load, for the summary's head."""
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    cpu = models[0] if models else platform.machine()
-    return (
-        f"commit {commit or '?'}; {cpu}, "
-        f"{os.cpu_count()} cores, {platform.python_implementation()} "
-        f"{platform.python_version()}; {versions}; load average {load}"
-    )
+    models = re.findall(r"^model name\s*:\s*(.+)$", info.read_text() if info.exists() else "", re.M)
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES.split())
+    python = f"{platform.python_implementation()} {platform.python_version()}"
+    cpu = f"{models[0] if models else platform.machine()}, {os.cpu_count()} cores"
+    return f"commit {commit or '?'}; {cpu}, {python}; {versions}; load average {_load()}"
 
 
-def _pyperf(module: str, out: Path, speed: str, clock: str) -> pyperf.BenchmarkSuite:
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def _pyperf(module: str, out: Path, speed: str) -> pyperf.BenchmarkSuite:
     out.unlink(missing_ok=True)
     passes, options = PYPERF[speed]
+    command = [sys.executable, "-m", f"benchmarks.{module}", *options]
     for _ in range(passes):
-        args = [*options, "--clock", clock, "--quiet", "--append", str(out)]
-        subprocess.run(
-            [sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO_ROOT, check=True
-        )
+        subprocess.run([*command, "--quiet", "--append", str(out)], cwd=REPO_ROOT, check=True)
     return pyperf.BenchmarkSuite.load(str(out))
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        "python -m benchmarks.run", None, __doc__, formatter_class=formatter
-    )
+    parser = argparse.ArgumentParser("python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 pass, 1 process x 3 values each")
     parser.add_argument("--smoke", action="store_true", help="1 value per benchmark (the test)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"from {', '.join(SECTIONS)}")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="default: cpu")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks/results")
     args = parser.parse_args(argv)
     speed = "smoke" if args.smoke else "quick" if args.quick else "full"
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    if set(sections) - set(SECTIONS):
+    if set(sections := args.only.split(",")) - set(SECTIONS):
         parser.error(f"--only: choose from {', '.join(SECTIONS)}")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    out = [f"# sigtrace benchmarks ({speed} run, {args.clock} clock)", "", machine()]
+    results, started = args.results_dir, time.monotonic()
+    results.mkdir(parents=True, exist_ok=True)
+    out = [f"# sigtrace benchmarks ({speed} run, CPU clock)", "", machine()]
     print("\n".join(out), flush=True)
 
     def section(title: str, table: str) -> None:
@@ -168,19 +157,18 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         print(f"\n## {title}\n\n{table}", flush=True)
 
     if "per-send" in sections:
-        suite = _pyperf("per_send", args.results_dir / "per_send.json", speed, args.clock)
+        suite = _pyperf("per_send", results / "per_send.json", speed)
         section("Per send (unsampled: under an unsampled parent span)", per_send_table(suite))
     if "per-request" in sections:
-        suite = _pyperf("per_request", args.results_dir / "per_request.json", speed, args.clock)
+        suite = _pyperf("per_request", results / "per_request.json", speed)
         section("Per request (direct WSGI calls)", per_request_table(suite))
     if "server" in sections:
         result = server.run(*SERVER[speed])
-        (args.results_dir / "server.json").write_text(json.dumps(result, indent=1))
+        (results / "server.json").write_text(json.dumps(result, indent=1))
         section("Real server (gunicorn, 2 sync workers, multiprocess)", server_table(result))
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    out.extend(["", f"done in {time.monotonic() - started:.0f} s; load average at the end {load}"])
+    out += ["", f"done in {time.monotonic() - started:.0f} s; load average at the end {_load()}"]
     print(out[-1])
-    (args.results_dir / "summary.md").write_text("\n".join(out) + "\n", encoding="utf-8")
+    (results / "summary.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     return 0
 
 

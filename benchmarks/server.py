@@ -1,15 +1,9 @@
-"""Real-server run, small and hand-made: gunicorn serving the signup app under load.
-
-As the README tells users to run it: 2 sync workers, ``PROMETHEUS_MULTIPROC_DIR``
-a fresh directory, sigtrace's hooks; prometheus-flask-exporter with its own
-gunicorn class as the peer (``benchmarks/gunicorn_conf.py``). Load from
-another process on 127.0.0.1: ``wrk`` when installed, else threads of urllib.
-"""
+"""Real server, small and hand-made: gunicorn serving the signup app as the README tells
+users to run it (``gunicorn_conf.py``), under load from ``wrk`` or else urllib threads."""
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import re
 import shutil
@@ -18,10 +12,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import typing as t
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
@@ -29,49 +23,35 @@ import psutil  # type: ignore[import-untyped]
 from . import apps
 
 MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 8
-COMMAND = ["-m", "gunicorn", "-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_OPEN = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never a proxy
 
 
 class Gunicorn:
     """A gunicorn master serving ``mode`` on a free port; ``stop()`` ends it and its workers."""
 
     def __init__(self, mode: str) -> None:
-        self.mode, self.port = mode, _free_port()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.mode, self.port = mode, s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.dir = tempfile.mkdtemp(prefix="sigtrace-bench-gunicorn-")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGTRACE_", "OTEL_"))}
-        env.update(
-            BENCH_MODE=mode, BENCH_BIND=f"127.0.0.1:{self.port}", PROMETHEUS_MULTIPROC_DIR=self.dir
-        )
+        env.update(BENCH_MODE=mode, BENCH_BIND=self.url[7:], PROMETHEUS_MULTIPROC_DIR=self.dir)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        conf = ["-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
         self.proc = subprocess.Popen(
-            [sys.executable, *COMMAND], cwd=REPO_ROOT, env=env, stdout=self.log, stderr=self.log
-        )
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+            [sys.executable, "-m", "gunicorn", *conf],
+            cwd=Path(__file__).parent.parent, env=env, stdout=self.log, stderr=self.log,
+        )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
+        deadline, url = time.monotonic() + timeout, self.url + apps.SIGNUP_PATH
         while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if self.get(apps.SIGNUP_PATH)[0] == 200:
+            with contextlib.suppress(OSError), _OPEN(url, timeout=5) as response:
+                if response.status == 200:
                     return
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         self.log.seek(0)
         raise RuntimeError(f"gunicorn ({self.mode}) not serving:\n{self.log.read()[-3000:]!r}")
 
@@ -84,12 +64,13 @@ class Gunicorn:
         return total
 
     def counted(self) -> int | None:
-        """Signup requests in a scrape of ``/metrics`` (every worker's, summed), or None."""
+        """Signup requests in one scrape of ``/metrics`` (every worker's, summed)."""
         if self.mode == "bare":
             return None
         prefix = "flask" if self.mode.startswith("pfe") else "sigtrace"
-        sample = f"{prefix}_http_request_duration_seconds_count"
-        return int(apps.count_samples(self.get("/metrics")[1].decode(), [sample])[sample])
+        name = f"{prefix}_http_request_duration_seconds_count"
+        with _OPEN(self.url + "/metrics", timeout=5) as response:
+            return int(apps.count_samples(response.read().decode(), [name])[name])
 
     def stop(self) -> None:
         self.proc.terminate()  # the master stops its workers
@@ -102,9 +83,8 @@ class Gunicorn:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _wrk(port: int, seconds: float) -> tuple[int, int]:
+def _wrk(url: str, seconds: float) -> tuple[int, int]:
     """(responses, errors) from ``wrk`` run for ``seconds``."""
-    url = f"http://127.0.0.1:{port}{apps.SIGNUP_PATH}"
     args = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout=2s", url]
     out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30).stdout
     done = re.search(r"(\d+) requests in", out)
@@ -115,26 +95,23 @@ def _wrk(port: int, seconds: float) -> tuple[int, int]:
     return int(done.group(1)), sum(int(n) for n in errors)
 
 
-def _python_load(port: int, seconds: float) -> tuple[int, int]:
-    """(responses, errors) from threads of ``urllib`` (sync workers close each connection)."""
-    deadline, url = time.monotonic() + seconds, f"http://127.0.0.1:{port}{apps.SIGNUP_PATH}"
-    counts = [[0, 0] for _ in range(CONNECTIONS)]
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+def _python_load(url: str, seconds: float) -> tuple[int, int]:
+    """(responses, errors) from threads of urllib (sync workers close each connection)."""
+    deadline = time.monotonic() + seconds
 
-    def client(count: list[int]) -> None:
+    def client(_: int) -> tuple[int, int]:
+        done = errors = 0
         while time.monotonic() < deadline:
             try:
-                with opener.open(url, timeout=5) as response:
+                with _OPEN(url, timeout=5) as response:
                     response.read()
-                    count[0] += 1
+                done += 1
             except OSError:  # HTTPError (non-2xx) included
-                count[1] += 1
+                errors += 1
+        return done, errors
 
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in counts]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=seconds + 10)
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        counts = list(pool.map(client, range(CONNECTIONS)))
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
@@ -149,12 +126,12 @@ def run(seconds: float, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str
     try:
         for server in servers.values():
             server.wait_ready()
-            load(server.port, 1)  # warm-up
+            load(server.url + apps.SIGNUP_PATH, 1)  # warm-up
         for r in range(rounds):  # interleaved, in rotating order
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 server, entry = servers[mode], results[mode]
                 cpu, started = server.worker_cpu(), time.monotonic()
-                done, errors = load(server.port, seconds)
+                done, errors = load(server.url + apps.SIGNUP_PATH, seconds)
                 elapsed, cpu = time.monotonic() - started, server.worker_cpu() - cpu
                 entry["rps"].append(done / elapsed)
                 entry["cpu_us"].append(cpu / done * 1e6 if done else float("nan"))
@@ -169,10 +146,5 @@ def run(seconds: float, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str
     for entry in results.values():
         entry["median_rps"] = statistics.median(entry["rps"])
         entry["median_cpu_us"] = statistics.median(entry["cpu_us"])
-    return {
-        "generator": generator,
-        "connections": CONNECTIONS,
-        "seconds": seconds,
-        "rounds": rounds,
-        "modes": results,
-    }
+    return {"generator": generator, "connections": CONNECTIONS, "seconds": seconds,
+            "rounds": rounds, "modes": results}  # fmt: skip
