@@ -91,10 +91,14 @@ def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) ->
 
 
 def exemplar_of(span: t.Any) -> dict[str, str] | None:
-    """The exemplar labels for observations under ``span``: its trace id, if sampled."""
+    """The exemplar labels for observations under ``span``: its trace and span ids, if sampled
+    (OpenMetrics' and OpenTelemetry's usual labels; OTLP carries them in its own fields)."""
     context = span.get_span_context()
     if context.trace_flags.sampled:
-        return {"trace_id": format(context.trace_id, "032x")}
+        return {
+            "trace_id": format(context.trace_id, "032x"),
+            "span_id": format(context.span_id, "016x"),
+        }
     return None
 
 

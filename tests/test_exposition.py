@@ -113,7 +113,8 @@ def test_route_serves_openmetrics_with_exemplars_when_asked(make_app: MakeApp) -
         for s in family.samples
         if s.name == "sigtrace_receiver_duration_seconds_bucket" and s.exemplar is not None
     ]
-    assert exemplars == [{"trace_id": trace_id}]
+    assert [e["trace_id"] for e in exemplars] == [trace_id]
+    assert all(set(e) == {"trace_id", "span_id"} and len(e["span_id"]) == 16 for e in exemplars)
     # Prometheus text has no exemplars: the same request without Accept drops them.
     plain = client.get("/metrics").get_data(as_text=True)
     assert trace_id not in plain and trace_id in body

@@ -566,14 +566,21 @@ def test_an_allow_listed_kwarg_missing_from_the_send_is_not_recorded(
 # Exemplars link metrics to traces
 
 
-def _exemplar_trace_ids(exposition: str, receiver: str) -> list[str]:
+def _exemplar_ids(exposition: str, receiver: str) -> list[tuple[str, str]]:
+    """(trace id, span id) of the receiver's bucket exemplars, as a scrape shows them."""
     pattern = re.compile(
         r'^sigtrace_receiver_duration_seconds_bucket\{[^}]*receiver="'
         + re.escape(receiver)
-        + r'"[^}]*\} \S+ # \{trace_id="([0-9a-f]+)"\}',
+        + r'"[^}]*\} \S+ # \{span_id="([0-9a-f]{16})",trace_id="([0-9a-f]{32})"\}',
         re.MULTILINE,
     )
-    return pattern.findall(exposition)
+    return [(trace_id, span_id) for span_id, trace_id in pattern.findall(exposition)]
+
+
+def _ids(span: ReadableSpan | trace.Span) -> tuple[str, str]:
+    context = span.get_span_context()
+    assert context is not None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
 def test_receiver_histogram_exemplar_carries_the_sampled_trace_id(
@@ -583,12 +590,11 @@ def test_receiver_histogram_exemplar_carries_the_sampled_trace_id(
     sig = NS.signal("tr-exemplar")
     sig.connect(on_signup)
     sig.send("sender")  # no span: no exemplar
-    assert _exemplar_trace_ids(openmetrics_latest(registry).decode(), ON_SIGNUP) == []
+    assert _exemplar_ids(openmetrics_latest(registry).decode(), ON_SIGNUP) == []
     with tracing.parent() as parent:
         sig.send("sender")
-    trace_id = format(parent.get_span_context().trace_id, "032x")
-    found = _exemplar_trace_ids(openmetrics_latest(registry).decode(), ON_SIGNUP)
-    assert found == [trace_id]
+    found = _exemplar_ids(openmetrics_latest(registry).decode(), ON_SIGNUP)
+    assert found == [_ids(parent)]  # the span the send ran under (a request's, in an app)
 
 
 def test_spans_none_makes_no_span_but_keeps_the_parent_s_exemplar(
@@ -600,9 +606,8 @@ def test_spans_none_makes_no_span_but_keeps_the_parent_s_exemplar(
     with tracing.parent() as parent:
         sig.send("sender")
     assert [s.name for s in tracing.spans()] == ["parent"]
-    trace_id = format(parent.get_span_context().trace_id, "032x")
-    found = _exemplar_trace_ids(openmetrics_latest(registry).decode(), ON_SIGNUP)
-    assert found == [trace_id]
+    found = _exemplar_ids(openmetrics_latest(registry).decode(), ON_SIGNUP)
+    assert found == [_ids(parent)]
 
 
 # --------------------------------------------------------------------------
