@@ -1,1 +1,1 @@
-"""Benchmarks: sigtrace against bare Flask/blinker and its peers (``benchmarks/README.md``)."""
+"""Benchmarks: sigtrace against bare Flask/blinker and its peers (the README's "Benchmarks")."""
