@@ -345,11 +345,15 @@ class MetricSet:
         for family in self.families:
             family.reset()
 
-    def after_fork_in_child(self) -> None:
-        """In a forked child: new locks (a parent's thread may have held one at
-        the fork), then zero every value, which the child must not count again."""
+    def new_locks(self) -> None:
+        """In a forked child: new locks (a parent's thread may have held one at the fork)."""
         for family in self.families:
             family.new_locks()
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child: new locks, then zero every value, which the child must not
+        count again."""
+        self.new_locks()
         self.reset()
 
     def fold(self) -> None:

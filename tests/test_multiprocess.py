@@ -81,7 +81,7 @@ def files(path: Path) -> set[str]:
 
 def write_as(path: Path, pid: int, metrics: MetricSet) -> str:
     """Publish ``metrics`` as if by process ``pid`` (a dead one): a file named for it."""
-    document = multiprocess.snapshot_document(metrics)
+    document = multiprocess.snapshot_document(metrics, pid)
     name = f"sigtrace-{pid}-{os.urandom(4).hex()}.json"
     temp = path / f".{name}.{os.getpid()}.tmp"
     temp.write_text(json.dumps(document))
@@ -217,7 +217,7 @@ def test_a_fold_cut_short_counts_nothing_twice(mpdir: Path) -> None:
     name = write_as(mpdir, dead_pid(), dead)
     assert multiprocess.fold(str(mpdir)) == 1
     # As if the folder died after writing the archive, before deleting the file:
-    (mpdir / name).write_text(json.dumps(multiprocess.snapshot_document(dead)))
+    (mpdir / name).write_text(json.dumps(multiprocess.snapshot_document(dead, dead_pid())))
     assert totals(mpdir, fold=False)[SENDS] == 7  # listed in the archive: skipped
     assert multiprocess.fold(str(mpdir)) == 0
     assert name not in files(mpdir)  # and deleted by the next fold
@@ -229,7 +229,7 @@ def test_a_fold_cut_short_counts_nothing_twice(mpdir: Path) -> None:
 def test_a_thousand_restarts_keep_the_directory_small_and_totals_exact(mpdir: Path) -> None:
     one = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(one, 1, [0.05], trace="x")
-    document = json.dumps(multiprocess.snapshot_document(one))
+    document = json.dumps(multiprocess.snapshot_document(one, os.getpid()))
     pid = dead_pid()
     for i in range(1000):
         (mpdir / f"sigtrace-{pid}-{i:08x}.json").write_text(document)
