@@ -26,6 +26,15 @@ def init(registry: CollectorRegistry, **config: object) -> tuple[Flask, SigTrace
     return app, SigTrace(app, registry=registry)
 
 
+def assert_refused(registry: CollectorRegistry, setting: str, value: str, expected: str) -> None:
+    """``setting=value`` raises a ConfigError that names both and says ``expected``."""
+    with pytest.raises(ConfigError) as raised:
+        init(registry, **{setting: value})
+    message = str(raised.value)
+    assert f"{setting}={value!r}" in message
+    assert expected in message
+
+
 @pytest.mark.parametrize("token", ["", " ", "\t\n"])
 @pytest.mark.parametrize("source", ["app.config", "the environment"])
 def test_an_empty_or_blank_metrics_token_is_refused(
@@ -81,11 +90,9 @@ def test_a_set_token_guards_the_route_and_surrounding_whitespace_is_stripped(
 def test_an_otlp_endpoint_that_is_no_http_url_is_refused(
     registry: CollectorRegistry, endpoint: str
 ) -> None:
-    with pytest.raises(ConfigError) as raised:
-        init(registry, SIGTRACE_OTLP_ENDPOINT=endpoint)
-    message = str(raised.value)
-    assert f"SIGTRACE_OTLP_ENDPOINT={endpoint!r}" in message
-    assert "http:// or https:// URL with a host" in message
+    assert_refused(
+        registry, "SIGTRACE_OTLP_ENDPOINT", endpoint, "http:// or https:// URL with a host"
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,11 +113,7 @@ def test_http_otlp_endpoints_are_accepted(registry: CollectorRegistry, endpoint:
 def test_a_metrics_path_that_is_no_url_path_is_refused(
     registry: CollectorRegistry, path: str
 ) -> None:
-    with pytest.raises(ConfigError) as raised:
-        init(registry, SIGTRACE_METRICS_PATH=path)
-    message = str(raised.value)
-    assert f"SIGTRACE_METRICS_PATH={path!r}" in message
-    assert "URL path starting with '/'" in message
+    assert_refused(registry, "SIGTRACE_METRICS_PATH", path, "URL path starting with '/'")
 
 
 @pytest.mark.parametrize("path", ["/internal/metrics", "/-/metrics.txt", "/a:b@c", ""])
