@@ -16,8 +16,8 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from sigtrace import ConfigError, SigTrace, tracing
-from tests.otlp_receiver import PROTOCOLS, running_receiver
-from tests.test_export import app_env, request_trace, running_app
+from tests.otlp_receiver import PROTOCOLS
+from tests.test_export import exporting_app, request_trace
 
 
 def init(registry: CollectorRegistry, **config: object) -> tuple[Flask, SigTrace]:
@@ -144,14 +144,10 @@ def test_url_paths_are_accepted_and_served(registry: CollectorRegistry, path: st
 def test_a_bad_otel_value_is_named_and_spans_are_still_exported(
     protocol: str, variable: str, value: str
 ) -> None:
-    with running_receiver(protocol) as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=protocol
-        )
-        env[variable] = value
-        with running_app(env) as app:
-            status, _, spans = request_trace(receiver, app, "frank")
-            stderr = app.stderr
+    settings = {"OTEL_EXPORTER_OTLP_PROTOCOL": protocol, variable: value}
+    with exporting_app(protocol, **settings) as (receiver, app):
+        status, _, spans = request_trace(receiver, app, "frank")
+        stderr = app.stderr
     assert status == 200 and "GET /signup/<name>" in spans
     assert f"sigtrace: {variable}={value!r} is invalid: expected" in stderr, stderr
     assert "using the default" in stderr
@@ -159,14 +155,9 @@ def test_a_bad_otel_value_is_named_and_spans_are_still_exported(
 
 
 def test_an_unknown_otlp_protocol_is_named_and_the_default_grpc_is_used() -> None:
-    with running_receiver("grpc") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
-        )
-        with running_app(env) as app:
-            status, _, spans = request_trace(receiver, app, "grace")
-            stderr = app.stderr
+    with exporting_app("grpc", OTEL_EXPORTER_OTLP_PROTOCOL="http/json") as (receiver, app):
+        status, _, spans = request_trace(receiver, app, "grace")
+        stderr = app.stderr
     assert status == 200 and "GET /signup/<name>" in spans
     assert "sigtrace: OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is invalid" in stderr, stderr
     assert "using the default, 'grpc'" in stderr

@@ -13,6 +13,7 @@ import sys
 import time
 import typing as t
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -58,6 +59,16 @@ def app_env(**settings: str) -> dict[str, str]:
 def running_app(env: dict[str, str]) -> t.ContextManager[RunningApp]:
     """``python -m tests.apps.export_app``, stopped on leaving the block."""
     return run_module("tests.apps.export_app", env)
+
+
+@contextmanager
+def exporting_app(protocol: str, **settings: str) -> Iterator[tuple[Receiver, RunningApp]]:
+    """A receiver for ``protocol`` and the app with ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    set to it, plus ``settings`` (:func:`app_env`); the app stops first."""
+    with running_receiver(protocol) as receiver:
+        env = app_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, **settings)
+        with running_app(env) as app:
+            yield receiver, app
 
 
 # --------------------------------------------------------------------------
@@ -106,16 +117,14 @@ def request_trace(
 def exporting(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, RunningApp]]:
     """A receiver and the app exporting to it, by OTEL_* variables only."""
     protocol: str = request.param
-    with running_receiver(protocol) as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
-            OTEL_SERVICE_NAME=SERVICE,
-            OTEL_EXPORTER_OTLP_HEADERS=f"{HEADER_NAME}={HEADER_VALUE}",
-            OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
-        )
-        with running_app(env) as app:
-            yield receiver, app
+    with exporting_app(
+        protocol,
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_EXPORTER_OTLP_HEADERS=f"{HEADER_NAME}={HEADER_VALUE}",
+        OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
+    ) as (receiver, app):
+        yield receiver, app
 
 
 def test_request_signal_and_receiver_spans_form_one_tree(
@@ -200,13 +209,11 @@ def test_otlp_headers_and_compression_from_the_environment_are_used(
 
 
 def test_without_otel_service_name_the_flask_app_name_is_the_service() -> None:
-    with running_receiver("http/protobuf") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-        )
-        with running_app(env) as app:
-            _, _, spans = request_trace(receiver, app, "dave")
+    with exporting_app(
+        "http/protobuf",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+    ) as (receiver, app):
+        _, _, spans = request_trace(receiver, app, "dave")
     assert {s.resource.get("service.name") for s in spans.values()} == {APP_NAME}
 
 
@@ -295,17 +302,15 @@ def _spans_after_recovery(receiver: Receiver, app: RunningApp) -> list[str]:
 
 
 def test_the_last_spans_are_flushed_at_exit() -> None:
-    with running_receiver("grpc") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_SERVICE_NAME=SERVICE,
-            OTEL_BSP_SCHEDULE_DELAY="60000",  # nothing leaves before exit
-        )
-        with running_app(env) as app:
-            traceparent, trace_id, _ = new_traceparent()
-            assert app.get("/signup/frank", traceparent)[0] == 200
-            assert receiver.spans == []
-            app.stop()
+    with exporting_app(
+        "grpc",
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_BSP_SCHEDULE_DELAY="60000",  # nothing leaves before exit
+    ) as (receiver, app):
+        traceparent, trace_id, _ = new_traceparent()
+        assert app.get("/signup/frank", traceparent)[0] == 200
+        assert receiver.spans == []
+        app.stop()
         spans = receiver.wait_for(
             lambda spans: [s for s in spans if s.trace_id == trace_id], timeout=5.0
         )
