@@ -18,6 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import sigtrace
 from sigtrace import dispatch
 
+if t.TYPE_CHECKING:
+    from tests.servers import Server  # which imports this module
+
 
 def require_tool(name: str) -> str:
     """Path of an external tool; skip without it, fail under STRICT_REAL_COMPONENTS."""
@@ -86,6 +89,16 @@ def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
 
 __all__: list[str] = ["require_tool", "sample", "samples_from_text", "series"]
 _ = t
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Append each gunicorn or uWSGI server a test starts (tests/servers.py): they
+    are stopped after the test, however it ends."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

@@ -16,14 +16,23 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from sigtrace import ConfigError, SigTrace, tracing
-from tests.otlp_receiver import PROTOCOLS, running_receiver
-from tests.test_export import app_env, request_trace, running_app
+from tests.otlp_receiver import PROTOCOLS
+from tests.test_export import exporting_app, request_trace
 
 
 def init(registry: CollectorRegistry, **config: object) -> tuple[Flask, SigTrace]:
     app = Flask("config")
     app.config.update(config)
     return app, SigTrace(app, registry=registry)
+
+
+def assert_refused(registry: CollectorRegistry, setting: str, value: str, expected: str) -> None:
+    """``setting=value`` raises a ConfigError that names both and says ``expected``."""
+    with pytest.raises(ConfigError) as raised:
+        init(registry, **{setting: value})
+    message = str(raised.value)
+    assert f"{setting}={value!r}" in message
+    assert expected in message
 
 
 @pytest.mark.parametrize("token", ["", " ", "\t\n"])
@@ -81,11 +90,9 @@ def test_a_set_token_guards_the_route_and_surrounding_whitespace_is_stripped(
 def test_an_otlp_endpoint_that_is_no_http_url_is_refused(
     registry: CollectorRegistry, endpoint: str
 ) -> None:
-    with pytest.raises(ConfigError) as raised:
-        init(registry, SIGTRACE_OTLP_ENDPOINT=endpoint)
-    message = str(raised.value)
-    assert f"SIGTRACE_OTLP_ENDPOINT={endpoint!r}" in message
-    assert "http:// or https:// URL with a host" in message
+    assert_refused(
+        registry, "SIGTRACE_OTLP_ENDPOINT", endpoint, "http:// or https:// URL with a host"
+    )
 
 
 @pytest.mark.parametrize(
@@ -106,11 +113,7 @@ def test_http_otlp_endpoints_are_accepted(registry: CollectorRegistry, endpoint:
 def test_a_metrics_path_that_is_no_url_path_is_refused(
     registry: CollectorRegistry, path: str
 ) -> None:
-    with pytest.raises(ConfigError) as raised:
-        init(registry, SIGTRACE_METRICS_PATH=path)
-    message = str(raised.value)
-    assert f"SIGTRACE_METRICS_PATH={path!r}" in message
-    assert "URL path starting with '/'" in message
+    assert_refused(registry, "SIGTRACE_METRICS_PATH", path, "URL path starting with '/'")
 
 
 @pytest.mark.parametrize("path", ["/internal/metrics", "/-/metrics.txt", "/a:b@c", ""])
@@ -141,14 +144,10 @@ def test_url_paths_are_accepted_and_served(registry: CollectorRegistry, path: st
 def test_a_bad_otel_value_is_named_and_spans_are_still_exported(
     protocol: str, variable: str, value: str
 ) -> None:
-    with running_receiver(protocol) as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=protocol
-        )
-        env[variable] = value
-        with running_app(env) as app:
-            status, _, spans = request_trace(receiver, app, "frank")
-            stderr = app.stderr
+    settings = {"OTEL_EXPORTER_OTLP_PROTOCOL": protocol, variable: value}
+    with exporting_app(protocol, **settings) as (receiver, app):
+        status, _, spans = request_trace(receiver, app, "frank")
+        stderr = app.stderr
     assert status == 200 and "GET /signup/<name>" in spans
     assert f"sigtrace: {variable}={value!r} is invalid: expected" in stderr, stderr
     assert "using the default" in stderr
@@ -156,14 +155,9 @@ def test_a_bad_otel_value_is_named_and_spans_are_still_exported(
 
 
 def test_an_unknown_otlp_protocol_is_named_and_the_default_grpc_is_used() -> None:
-    with running_receiver("grpc") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
-        )
-        with running_app(env) as app:
-            status, _, spans = request_trace(receiver, app, "grace")
-            stderr = app.stderr
+    with exporting_app("grpc", OTEL_EXPORTER_OTLP_PROTOCOL="http/json") as (receiver, app):
+        status, _, spans = request_trace(receiver, app, "grace")
+        stderr = app.stderr
     assert status == 200 and "GET /signup/<name>" in spans
     assert "sigtrace: OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is invalid" in stderr, stderr
     assert "using the default, 'grpc'" in stderr

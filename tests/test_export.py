@@ -8,29 +8,22 @@ TracerProvider once, and sigtrace sets it up itself from those variables.
 from __future__ import annotations
 
 import os
-import queue
 import secrets
-import subprocess
 import sys
-import threading
 import time
 import typing as t
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from tests.app_process import RunningApp, run_module
 from tests.apps.export_app import APP_NAME, FAILING_USER
 from tests.otlp_receiver import PROTOCOLS, ReceivedSpan, Receiver, free_port, running_receiver
 
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0  # seconds for the subprocess to import everything and listen
 ARRIVAL_TIMEOUT = 15.0  # seconds for exported spans to reach the receiver
 SERVICE = "signup-service"
 HEADER_NAME, HEADER_VALUE = "x-sigtrace-test", "token-123"
@@ -43,99 +36,7 @@ RECEIVERS = (
 
 
 # --------------------------------------------------------------------------
-# The app in a subprocess
-
-
-class AppProcess:
-    """``python -m tests.apps.export_app`` with its output collected by threads."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.apps.export_app"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._stdout: queue.Queue[str] = queue.Queue()
-        self._stderr: list[str] = []
-        self._stderr_lock = threading.Lock()
-        assert self._proc.stdout is not None and self._proc.stderr is not None
-        self._readers = [
-            threading.Thread(target=self._pump, args=(self._proc.stdout, self._stdout.put)),
-            threading.Thread(target=self._pump, args=(self._proc.stderr, self._add_stderr)),
-        ]
-        for reader in self._readers:
-            reader.daemon = True
-            reader.start()
-        self.port = self._wait_for_port()
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    @staticmethod
-    def _pump(stream: t.IO[str], put: t.Callable[[str], None]) -> None:
-        for line in stream:
-            put(line)
-
-    def _add_stderr(self, line: str) -> None:
-        with self._stderr_lock:
-            self._stderr.append(line)
-
-    @property
-    def stderr(self) -> str:
-        with self._stderr_lock:
-            return "".join(self._stderr)
-
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                line = self._stdout.get(timeout=0.1)
-            except queue.Empty:
-                if self._proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("listening on port "):
-                return int(line.split()[-1])
-        self.stop()
-        raise AssertionError(f"export app did not start; stderr:\n{self.stderr}")
-
-    def get(self, path: str, traceparent: str | None = None) -> tuple[int, float]:
-        """GET ``path``; the status and the seconds it took."""
-        headers = {"traceparent": traceparent} if traceparent else {}
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers)
-        started = time.monotonic()
-        try:
-            with self._opener.open(request, timeout=10) as response:
-                response.read()
-                status = int(response.status)
-        except urllib.error.HTTPError as error:
-            error.read()
-            status = error.code
-        return status, time.monotonic() - started
-
-    def wait_for_stderr(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.stderr:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not logged within {timeout}s:\n{self.stderr}")
-            time.sleep(0.05)
-
-    def stop(self) -> float:
-        """SIGTERM (SIGKILL after 10 s); the seconds the process took to exit."""
-        started = time.monotonic()
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-        took = time.monotonic() - started
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return took
+# The app in a subprocess (tests/app_process.py)
 
 
 def app_env(**settings: str) -> dict[str, str]:
@@ -155,13 +56,19 @@ def app_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def running_app(env: dict[str, str]) -> t.ContextManager[RunningApp]:
+    """``python -m tests.apps.export_app``, stopped on leaving the block."""
+    return run_module("tests.apps.export_app", env)
+
+
 @contextmanager
-def running_app(env: dict[str, str]) -> Iterator[AppProcess]:
-    app = AppProcess(env)
-    try:
-        yield app
-    finally:
-        app.stop()
+def exporting_app(protocol: str, **settings: str) -> Iterator[tuple[Receiver, RunningApp]]:
+    """A receiver for ``protocol`` and the app with ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    set to it, plus ``settings`` (:func:`app_env`); the app stops first."""
+    with running_receiver(protocol) as receiver:
+        env = app_env(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, **settings)
+        with running_app(env) as app:
+            yield receiver, app
 
 
 # --------------------------------------------------------------------------
@@ -175,7 +82,7 @@ def new_traceparent() -> tuple[str, str, str]:
 
 
 def request_trace(
-    receiver: Receiver, app: AppProcess, user: str
+    receiver: Receiver, app: RunningApp, user: str
 ) -> tuple[int, str, dict[str, ReceivedSpan]]:
     """GET /signup/<user> under a fresh traceparent; its status, span id and spans by name.
 
@@ -207,23 +114,21 @@ def request_trace(
 
 
 @pytest.fixture(scope="module", params=PROTOCOLS)
-def exporting(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, AppProcess]]:
+def exporting(request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, RunningApp]]:
     """A receiver and the app exporting to it, by OTEL_* variables only."""
     protocol: str = request.param
-    with running_receiver(protocol) as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
-            OTEL_SERVICE_NAME=SERVICE,
-            OTEL_EXPORTER_OTLP_HEADERS=f"{HEADER_NAME}={HEADER_VALUE}",
-            OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
-        )
-        with running_app(env) as app:
-            yield receiver, app
+    with exporting_app(
+        protocol,
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_EXPORTER_OTLP_HEADERS=f"{HEADER_NAME}={HEADER_VALUE}",
+        OTEL_EXPORTER_OTLP_COMPRESSION="gzip",
+    ) as (receiver, app):
+        yield receiver, app
 
 
 def test_request_signal_and_receiver_spans_form_one_tree(
-    exporting: tuple[Receiver, AppProcess],
+    exporting: tuple[Receiver, RunningApp],
 ) -> None:
     receiver, app = exporting
     status, remote_parent, spans = request_trace(receiver, app, "alice")
@@ -264,7 +169,7 @@ def test_request_signal_and_receiver_spans_form_one_tree(
         assert signal.start_ns <= span.start_ns <= span.end_ns <= signal.end_ns
 
 
-def test_a_failing_receiver_exports_error_spans(exporting: tuple[Receiver, AppProcess]) -> None:
+def test_a_failing_receiver_exports_error_spans(exporting: tuple[Receiver, RunningApp]) -> None:
     receiver, app = exporting
     status, _, spans = request_trace(receiver, app, FAILING_USER)
     assert status == 500
@@ -283,7 +188,7 @@ def test_a_failing_receiver_exports_error_spans(exporting: tuple[Receiver, AppPr
 
 
 def test_the_resource_names_the_service_from_otel_service_name(
-    exporting: tuple[Receiver, AppProcess],
+    exporting: tuple[Receiver, RunningApp],
 ) -> None:
     receiver, app = exporting
     _, _, spans = request_trace(receiver, app, "bob")
@@ -292,7 +197,7 @@ def test_the_resource_names_the_service_from_otel_service_name(
 
 
 def test_otlp_headers_and_compression_from_the_environment_are_used(
-    exporting: tuple[Receiver, AppProcess],
+    exporting: tuple[Receiver, RunningApp],
 ) -> None:
     receiver, app = exporting
     request_trace(receiver, app, "carol")
@@ -304,13 +209,11 @@ def test_otlp_headers_and_compression_from_the_environment_are_used(
 
 
 def test_without_otel_service_name_the_flask_app_name_is_the_service() -> None:
-    with running_receiver("http/protobuf") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-        )
-        with running_app(env) as app:
-            _, _, spans = request_trace(receiver, app, "dave")
+    with exporting_app(
+        "http/protobuf",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+    ) as (receiver, app):
+        _, _, spans = request_trace(receiver, app, "dave")
     assert {s.resource.get("service.name") for s in spans.values()} == {APP_NAME}
 
 
@@ -383,7 +286,7 @@ def server_span_of(trace_id: str) -> t.Callable[[list[ReceivedSpan]], bool]:
     return arrived
 
 
-def _spans_after_recovery(receiver: Receiver, app: AppProcess) -> list[str]:
+def _spans_after_recovery(receiver: Receiver, app: RunningApp) -> list[str]:
     """Request until a request's server span arrives (20 s at most); its trace id."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -399,17 +302,15 @@ def _spans_after_recovery(receiver: Receiver, app: AppProcess) -> list[str]:
 
 
 def test_the_last_spans_are_flushed_at_exit() -> None:
-    with running_receiver("grpc") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_SERVICE_NAME=SERVICE,
-            OTEL_BSP_SCHEDULE_DELAY="60000",  # nothing leaves before exit
-        )
-        with running_app(env) as app:
-            traceparent, trace_id, _ = new_traceparent()
-            assert app.get("/signup/frank", traceparent)[0] == 200
-            assert receiver.spans == []
-            app.stop()
+    with exporting_app(
+        "grpc",
+        OTEL_SERVICE_NAME=SERVICE,
+        OTEL_BSP_SCHEDULE_DELAY="60000",  # nothing leaves before exit
+    ) as (receiver, app):
+        traceparent, trace_id, _ = new_traceparent()
+        assert app.get("/signup/frank", traceparent)[0] == 200
+        assert receiver.spans == []
+        app.stop()
         spans = receiver.wait_for(
             lambda spans: [s for s in spans if s.trace_id == trace_id], timeout=5.0
         )

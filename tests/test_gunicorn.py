@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import typing as t
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,14 +38,6 @@ from tests.servers import (
 pytest.importorskip("gunicorn", reason="gunicorn is a dev dependency: pip install -e '.[dev]'")
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("gunicorn does not run on Windows", allow_module_level=True)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        server.stop()
 
 
 def test_sync_workers_every_scrape_totals_every_request(

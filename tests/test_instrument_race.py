@@ -33,7 +33,6 @@ SENDERS = 2
 pytestmark = pytest.mark.usefixtures("clean_otel_context", "frequent_thread_switches")
 
 
-
 @pytest.fixture(autouse=True)
 def not_instrumented() -> Iterator[None]:
     while sigtrace.is_instrumented():
@@ -140,6 +139,15 @@ def async_sender(signal: Signal) -> Callable[[], Iterator[Callable[[int], None]]
     return sender
 
 
+def connected_sender(signal: Signal, kind: str) -> Callable[[], Iterator[Callable[[int], None]]]:
+    """Connect the ``kind`` ("sync" or "async") receiver to ``signal``; its sender."""
+    if kind == "sync":
+        signal.connect(sync_receiver, weak=False)
+        return sync_sender(signal)
+    signal.connect(async_receiver, weak=False)
+    return async_sender(signal)
+
+
 def report(senders: Senders, cycles: int) -> str:
     return (
         f"{senders.failures[:3]} (after {cycles} instrument/uninstrument cycles, "
@@ -150,12 +158,7 @@ def report(senders: Senders, cycles: int) -> str:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_sends_racing_the_last_uninstrument_never_fail(kind: str) -> None:
     signal = NamedSignal("race")
-    if kind == "sync":
-        signal.connect(sync_receiver, weak=False)
-        sender = sync_sender(signal)
-    else:
-        signal.connect(async_receiver, weak=False)
-        sender = async_sender(signal)
+    sender = connected_sender(signal, kind)
     registry = CollectorRegistry()
     with Senders(sender) as senders:
         cycles = toggle(
@@ -170,12 +173,7 @@ def test_sends_racing_nested_instrument_calls_never_fail(kind: str) -> None:
     """One instrumentation stays (an app's SigTrace); others come and go around it."""
     registry = CollectorRegistry()
     signal = NamedSignal("race.nested")
-    if kind == "sync":
-        signal.connect(sync_receiver, weak=False)
-        sender = sync_sender(signal)
-    else:
-        signal.connect(async_receiver, weak=False)
-        sender = async_sender(signal)
+    sender = connected_sender(signal, kind)
     sigtrace.instrument(registry=registry)
     with Senders(sender) as senders:
         cycles = toggle(

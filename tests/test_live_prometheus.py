@@ -22,12 +22,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.app_process import stop_process
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.real
@@ -50,16 +52,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[t.Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
@@ -127,7 +119,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         wait_for("the demo to listen", listening, START_TIMEOUT)
         yield app
     finally:
-        stop(proc)
+        stop_process(proc, timeout=5)
         reader.join(timeout=5)
         stderr.close()
 
@@ -181,6 +173,34 @@ class Prometheus:
         return results
 
 
+@contextmanager
+def running_prometheus(
+    binary: str, work: Path, data: Path, config: dict[str, t.Any]
+) -> Iterator[tuple[subprocess.Popen[bytes], Prometheus]]:
+    """Prometheus with ``config`` and exemplar storage, on 127.0.0.1 (a free port),
+    logging to ``work/prometheus.log``; stopped on leaving the block."""
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    port = free_port()
+    with (work / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--enable-feature=exemplar-storage",
+            ],
+            cwd=work,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield proc, Prometheus(port)
+        finally:
+            stop_process(proc, timeout=5)
+
+
 @pytest.fixture(scope="module")
 def prometheus(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = require_tool("prometheus")
@@ -196,24 +216,7 @@ def prometheus(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             }
         ],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = free_port()
-    log = (work / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--enable-feature=exemplar-storage",
-        ],
-        cwd=work,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    server = Prometheus(port)
-    try:
+    with running_prometheus(binary, work, work / "data", config) as (proc, server):
 
         def ready() -> bool:
             assert proc.poll() is None, (work / "prometheus.log").read_text()
@@ -226,9 +229,6 @@ def prometheus(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         wait_for("Prometheus to be ready", ready, START_TIMEOUT)
         server.started = time.monotonic()
         yield server
-    finally:
-        stop(proc)
-        log.close()
 
 
 # --------------------------------------------------------------------------
@@ -489,70 +489,52 @@ def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Pat
             }
         ],
     }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    port = free_port()
-    log = (tmp_path / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'prometheus'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--enable-feature=exemplar-storage",
-        ],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    served: dict[str, int] = {}  # trace id -> pid of the worker that served it
-    stop_load = threading.Event()
+    with running_prometheus(binary, tmp_path, tmp_path / "prometheus", config) as (proc, server):
+        served: dict[str, int] = {}  # trace id -> pid of the worker that served it
+        stop_load = threading.Event()
 
-    def load(client: int) -> None:
-        # Two clients at once keep both sync workers serving.
-        for i in range(100_000):
-            if stop_load.wait(0.05):
-                return
-            answer = gunicorn.signup(f"prom{client}-{i}")
-            served[answer["trace_id"]] = answer["pid"]
+        def load(client: int) -> None:
+            # Two clients at once keep both sync workers serving.
+            for i in range(100_000):
+                if stop_load.wait(0.05):
+                    return
+                answer = gunicorn.signup(f"prom{client}-{i}")
+                served[answer["trace_id"]] = answer["pid"]
 
-    loaders = [threading.Thread(target=load, args=(c,), daemon=True) for c in range(2)]
-    for loader in loaders:
-        loader.start()
-    server = Prometheus(port)
-    workers_seen: set[int] = set()
-    try:
-
-        def from_both_workers() -> bool:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            now = time.time()
-            try:
-                series = server.get(
-                    "/api/v1/query_exemplars",
-                    query='sigtrace_http_request_duration_seconds_bucket{job="gunicorn"}',
-                    start=str(now - 120),
-                    end=str(now),
-                )
-            except OSError:
-                return False  # not up yet
-            for entry in series:
-                for exemplar in entry["exemplars"]:
-                    trace_id = exemplar["labels"]["trace_id"]
-                    assert TRACE_ID.match(trace_id), exemplar
-                    if trace_id in served:
-                        workers_seen.add(served[trace_id])
-            return len(workers_seen) == 2
-
-        try:
-            wait_for("exemplars of both workers' traces", from_both_workers, DATA_TIMEOUT)
-        except AssertionError as error:
-            pids = sorted(served.values())
-            by_worker = {pid: pids.count(pid) for pid in set(pids)}
-            raise AssertionError(f"{error}; seen {workers_seen}, served {by_worker}") from None
-    finally:
-        stop_load.set()
+        loaders = [threading.Thread(target=load, args=(c,), daemon=True) for c in range(2)]
         for loader in loaders:
-            loader.join(HTTP_TIMEOUT + 5)
-        stop(proc)
-        log.close()
+            loader.start()
+        workers_seen: set[int] = set()
+        try:
+
+            def from_both_workers() -> bool:
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+                now = time.time()
+                try:
+                    series = server.get(
+                        "/api/v1/query_exemplars",
+                        query='sigtrace_http_request_duration_seconds_bucket{job="gunicorn"}',
+                        start=str(now - 120),
+                        end=str(now),
+                    )
+                except OSError:
+                    return False  # not up yet
+                for entry in series:
+                    for exemplar in entry["exemplars"]:
+                        trace_id = exemplar["labels"]["trace_id"]
+                        assert TRACE_ID.match(trace_id), exemplar
+                        if trace_id in served:
+                            workers_seen.add(served[trace_id])
+                return len(workers_seen) == 2
+
+            try:
+                wait_for("exemplars of both workers' traces", from_both_workers, DATA_TIMEOUT)
+            except AssertionError as error:
+                pids = sorted(served.values())
+                by_worker = {pid: pids.count(pid) for pid in set(pids)}
+                raise AssertionError(f"{error}; seen {workers_seen}, served {by_worker}") from None
+        finally:
+            stop_load.set()
+            for loader in loaders:
+                loader.join(HTTP_TIMEOUT + 5)
     assert len(set(served.values())) == 2

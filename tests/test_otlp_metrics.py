@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sigtrace.config import ConfigError
-from tests.otlp_receiver import PROTOCOLS, ReceivedPoint, running_receiver
-from tests.test_export import ARRIVAL_TIMEOUT, app_env, running_app
+from tests.otlp_receiver import PROTOCOLS, ReceivedPoint
+from tests.test_export import ARRIVAL_TIMEOUT, exporting_app
 
 EXPORTED = {
     "sigtrace.signal.sends",
@@ -146,36 +146,35 @@ def normalised(samples: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_metrics_pushed_over_otlp_equal_the_scrape(protocol: str) -> None:
-    with running_receiver(protocol) as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
-            OTEL_EXPORTER_OTLP_HEADERS="x-sigtrace-test=metrics-1",
-            OTEL_METRICS_EXPORTER="otlp",
-            OTEL_METRIC_EXPORT_INTERVAL="200",
-            OTEL_SERVICE_NAME="metrics-shop",
-        )
-        with running_app(env) as app:
-            for user in ("ada", "grace", "fail", "ada"):
-                app.get(f"/signup/{user}")
-            app.get("/no-such-page")
-            expected = scrape(app.port)
-            # the scrape itself is excluded from the metrics, so it stays the truth
+    with exporting_app(
+        protocol,
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        OTEL_EXPORTER_OTLP_HEADERS="x-sigtrace-test=metrics-1",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_METRIC_EXPORT_INTERVAL="200",
+        OTEL_SERVICE_NAME="metrics-shop",
+    ) as (receiver, app):
+        for user in ("ada", "grace", "fail", "ada"):
+            app.get(f"/signup/{user}")
+        app.get("/no-such-page")
+        expected = scrape(app.port)
+        # the scrape itself is excluded from the metrics, so it stays the truth
 
-            def caught_up(points: list[ReceivedPoint]) -> bool:
-                return normalised(as_samples(latest(points))) == normalised(expected)
+        def caught_up(points: list[ReceivedPoint]) -> bool:
+            return normalised(as_samples(latest(points))) == normalised(expected)
 
-            try:
-                receiver.wait_for_points(caught_up, ARRIVAL_TIMEOUT, "points equal to the scrape")
-            except AssertionError:
-                got = normalised(as_samples(latest(receiver.points)))
-                want = normalised(expected)
-                diff = {
-                    n: (got.get(n), want.get(n))
-                    for n in set(got) | set(want)
-                    if got.get(n) != want.get(n)
-                }
-                raise AssertionError(f"pushed != scraped (pushed, scraped): {diff}") from None
+        try:
+            receiver.wait_for_points(caught_up, ARRIVAL_TIMEOUT, "points equal to the scrape")
+        except AssertionError:
+            got = normalised(as_samples(latest(receiver.points)))
+            want = normalised(expected)
+            diff = {
+                n: (got.get(n), want.get(n))
+                for n in set(got) | set(want)
+                if got.get(n) != want.get(n)
+            }
+            raise AssertionError(f"pushed != scraped (pushed, scraped): {diff}") from None
+        app.stop()  # its last push is in
         points = latest(receiver.points)
         headers = receiver.metric_headers
 
@@ -208,23 +207,21 @@ def test_metrics_pushed_over_otlp_equal_the_scrape(protocol: str) -> None:
 
 
 def test_exemplars_carry_the_trace_ids_of_sampled_requests() -> None:
-    with running_receiver("grpc") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_METRICS_EXPORTER="otlp",
-            OTEL_METRIC_EXPORT_INTERVAL="200",
+    with exporting_app(
+        "grpc",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_METRIC_EXPORT_INTERVAL="200",
+    ) as (receiver, app):
+        app.get("/signup/ada")
+        spans = receiver.wait_for(
+            lambda spans: [s for s in spans if s.name == "signal user-signed-up"] and spans,
+            ARRIVAL_TIMEOUT,
         )
-        with running_app(env) as app:
-            app.get("/signup/ada")
-            spans = receiver.wait_for(
-                lambda spans: [s for s in spans if s.name == "signal user-signed-up"] and spans,
-                ARRIVAL_TIMEOUT,
-            )
 
-            def with_exemplars(points: list[ReceivedPoint]) -> list[ReceivedPoint]:
-                return [p for p in points if p.name == "sigtrace.receiver.duration" and p.exemplars]
+        def with_exemplars(points: list[ReceivedPoint]) -> list[ReceivedPoint]:
+            return [p for p in points if p.name == "sigtrace.receiver.duration" and p.exemplars]
 
-            found = receiver.wait_for_points(with_exemplars, ARRIVAL_TIMEOUT, "exemplars")
+        found = receiver.wait_for_points(with_exemplars, ARRIVAL_TIMEOUT, "exemplars")
     # In OTLP's own fields, naming a span that was exported; nothing left as attributes.
     exemplars = [e for p in found for e in p.exemplars]
     assert exemplars and all(e.trace_id and e.span_id and not e.attributes for e in exemplars)
@@ -233,17 +230,16 @@ def test_exemplars_carry_the_trace_ids_of_sampled_requests() -> None:
 
 
 def test_without_the_variable_nothing_is_pushed() -> None:
-    with running_receiver("http/protobuf") as receiver:
-        env = app_env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
-            OTEL_METRIC_EXPORT_INTERVAL="100",
-        )
-        with running_app(env) as app:
-            app.get("/signup/ada")
-            # spans arriving proves the app exports to this receiver at all
-            receiver.wait_for(lambda spans: spans, ARRIVAL_TIMEOUT)
-            assert app.get("/signup/grace")[0] == 200
+    with exporting_app(
+        "http/protobuf",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_METRIC_EXPORT_INTERVAL="100",
+    ) as (receiver, app):
+        app.get("/signup/ada")
+        # spans arriving proves the app exports to this receiver at all
+        receiver.wait_for(lambda spans: spans, ARRIVAL_TIMEOUT)
+        assert app.get("/signup/grace")[0] == 200
+        app.stop()
         # the app has exited (SIGTERM): a pusher would have made its last export by now
         assert receiver.points == []
         assert receiver.metric_headers == []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,6 @@ if sys.platform == "win32":  # pragma: no cover
     pytest.skip("uWSGI does not run on Windows", allow_module_level=True)
 if not Path(sys.executable).with_name("uwsgi").exists():
     pytest.fail("uwsgi is a dev dependency: pip install -e '.[dev]'")
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for server in started:
-        server.stop()
 
 
 def test_processes_and_threads_total_every_request(tmp_path: Path, servers: list[Server]) -> None:

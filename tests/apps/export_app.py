@@ -14,16 +14,14 @@ at exit).
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 import typing as t
 
 from blinker import Namespace
 from flask import Flask, current_app, jsonify
-from werkzeug.serving import make_server
 
 from sigtrace import SigTrace
+from tests.apps.serve import serve
 
 APP_NAME = "export-shop"
 FAILING_USER = "fail"
@@ -75,15 +73,7 @@ def main() -> None:
     # the exporters' warnings (dead endpoint) go to stderr, where the tests count them
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log
-    server = make_server("127.0.0.1", 0, create_app(), threaded=True)
-
-    def stop(signum: int, frame: t.Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"listening on port {server.server_port}", flush=True)
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
+    serve(create_app())
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ accepts requests, and stops cleanly on SIGTERM (the SDKs flush at exit).
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 import typing as t
 
 from blinker import Namespace
 from flask import Flask, current_app, jsonify
-from werkzeug.serving import make_server
+
+from tests.apps.serve import serve
 
 signals = Namespace()
 order_placed = signals.signal("order-placed")
@@ -47,15 +46,7 @@ def create_app() -> Flask:
 
 
 def main() -> None:
-    server = make_server("127.0.0.1", 0, create_app(), threaded=True)
-
-    def stop(signum: int, frame: t.Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"listening on port {server.server_port}", flush=True)
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
+    serve(create_app())
 
 
 if __name__ == "__main__":
