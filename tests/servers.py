@@ -139,12 +139,15 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def signup(self, name: str) -> dict[str, t.Any]:
+    def get(self, path: str) -> dict[str, t.Any]:
         """One request; its JSON answer: the serving worker's pid (and trace id)."""
-        with urllib.request.urlopen(self.url(f"/signup/{name}"), timeout=HTTP_TIMEOUT) as r:
+        with urllib.request.urlopen(self.url(path), timeout=HTTP_TIMEOUT) as r:
             assert r.status == 200
             answer: dict[str, t.Any] = json.load(r)
             return answer
+
+    def signup(self, name: str) -> dict[str, t.Any]:
+        return self.get(f"/signup/{name}")
 
     def load(self, n: int, threads: int = 8, prefix: str = "user") -> list[int]:
         """``n`` requests from ``threads`` clients; the pid that served each."""

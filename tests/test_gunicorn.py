@@ -198,14 +198,23 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
 ) -> None:
     """Per bucket the exemplar is the freshest across workers: the last request
     (sequential, so it is the newest observation in its bucket) is always one,
-    whichever worker served it."""
+    whichever worker served it. Once one worker's is seen, another request
+    holds a worker while the next one is sent: an idle sync worker that just
+    answered tends to take the next request too, so without it all could land
+    on one worker."""
     gunicorn = start_gunicorn(tmp_path, SIGTRACE_TRACING="true", SIGTRACE_CONSOLE_SPANS="true")
     servers.append(gunicorn)
     answered: list[dict[str, t.Any]] = []
     workers_of_last: set[int] = set()
     family = "sigtrace_http_request_duration_seconds"
     for round_ in range(40):
+        holding = threading.Thread(target=gunicorn.get, args=("/hold/0.5",))
+        if workers_of_last:
+            holding.start()
+            time.sleep(0.1)  # accepted by then, as a rule; if not, another round
         answered.append(gunicorn.signup(f"ex{round_}"))
+        if holding.is_alive():
+            holding.join()
         last = answered[-1]
         if last["pid"] in workers_of_last:
             continue  # wait for a last request served by the other worker

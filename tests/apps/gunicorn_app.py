@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import typing as t
 
 from blinker import Namespace
@@ -54,6 +55,12 @@ def signup(name: str) -> t.Any:
     context = trace.get_current_span().get_span_context()
     trace_id = format(context.trace_id, "032x") if context.is_valid else None
     return jsonify(pid=os.getpid(), trace_id=trace_id)
+
+
+@app.get("/hold/<float:seconds>")
+def hold(seconds: float) -> t.Any:
+    time.sleep(seconds)  # keeps this (sync) worker busy: the next request goes to another
+    return jsonify(pid=os.getpid())
 
 
 @app.get("/health")
