@@ -36,6 +36,7 @@ from collections.abc import Mapping
 
 from .config import ConfigError
 from .metrics import HistogramValue, MetricSet
+from .version import __version__
 
 __all__ = [
     "OTLP_NAMES",
@@ -142,8 +143,6 @@ def metrics_data(
         Sum,
     )
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-    from . import __version__
 
     now = time.time_ns() if now_ns is None else now_ns
     cumulative = AggregationTemporality.CUMULATIVE
