@@ -1,0 +1,28 @@
+"""The layout docs/ARCHITECTURE.md promises: no module imports the package root.
+
+A module that reached ``sigtrace/__init__.py`` for a name would import the
+extension, the CLI and everything else with it, and run into import cycles.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sigtrace"
+
+
+def test_no_module_imports_the_package_root() -> None:
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+                found += [f"{path.name}: {a.name}" for a in node.names if a.name not in modules]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "sigtrace":
+                found.append(f"{path.name}: from sigtrace import ...")
+            elif isinstance(node, ast.Import) and any(a.name == "sigtrace" for a in node.names):
+                found.append(f"{path.name}: import sigtrace")
+    assert modules and not found, found
