@@ -350,12 +350,6 @@ class MetricSet:
         for family in self.families:
             family.new_locks()
 
-    def after_fork_in_child(self) -> None:
-        """In a forked child: new locks, then zero every value, which the child must not
-        count again."""
-        self.new_locks()
-        self.reset()
-
     def fold(self) -> None:
         for family in self.families:
             family.fold()

@@ -549,7 +549,7 @@ class Publisher:
                     error,
                 )
         self._pid = os.getpid()
-        self.metrics.after_fork_in_child()
+        self.metrics.reset()  # the child must not count its parent's values again
         self._new_process_state()
 
     def _run(self) -> None:
