@@ -9,7 +9,7 @@ receiver: its metric label, weak or strong, the
 senders it is connected for and, when metrics are on, its calls, p50 / p99
 latency and errors, read from this process's registry, or with
 ``PROMETHEUS_MULTIPROC_DIR`` set the totals over all workers (read through
-:class:`sigtrace.multiprocess.MultiprocessCollector`, writing nothing there).
+:class:`sigtrace.multiprocess_directory.PublishedTotalsCollector`, writing nothing there).
 sigtrace's own request hooks are not receivers (see
 :class:`sigtrace.bindings.RequestHooks`), so they never
 appear.
@@ -38,7 +38,7 @@ from flask import signals as flask_signals
 from flask.cli import AppGroup
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, multiprocess, naming
+from . import dispatch, multiprocess_directory, naming
 
 __all__ = ["histogram_quantile", "sigtrace_cli", "signal_inventory"]
 
@@ -322,12 +322,12 @@ def signals_command(as_json: bool) -> None:
         raise click.ClickException("SigTrace is not initialised on this app")
     metrics = bool(state.settings.metrics)
     registry = state.ext.registry
-    path = multiprocess.directory() if metrics else None
+    path = multiprocess_directory.directory() if metrics else None
     if path is not None:
-        # Read-only: no publish, no fold, no lock file. This process's own
-        # sends are not published, so they are not in these totals.
+        # Read-only: no publish, no archiving, no lock file. This process's
+        # own sends are not published, so they are not in these totals.
         registry = CollectorRegistry()
-        registry.register(multiprocess.MultiprocessCollector(path, fold=False))
+        registry.register(multiprocess_directory.PublishedTotalsCollector(path, archive=False))
     rows = signal_inventory(registry, metrics)
     scope = "all-processes" if path is not None else "this-process"
     if as_json:

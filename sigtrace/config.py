@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
+from .multiprocess_publisher import MAX_INTERVAL, MIN_INTERVAL
 from .options import Options
 from .tracing import SPAN_MODES, SpanMode
 
@@ -156,15 +157,15 @@ def _positive_int(value: object) -> int:
     return number
 
 
-def _positive_seconds(value: object) -> float:
-    expected = "a positive finite number of seconds"
+def _publish_interval(value: object) -> float:
+    expected = f"a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}"
     if isinstance(value, bool):
         raise TypeError(expected)
     try:
         seconds = float(t.cast(t.Any, value))
     except (TypeError, ValueError, OverflowError):
         raise TypeError(expected) from None
-    if not math.isfinite(seconds) or seconds <= 0:
+    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:  # NaN too
         raise TypeError(expected)
     return seconds
 
@@ -201,7 +202,10 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_OTLP_ENDPOINT": _Key(_endpoint, None, "OTLP endpoint (else OTEL_*)"),
     "SIGTRACE_CONSOLE_SPANS": _Key(_bool, False, "print spans when no endpoint is set"),
     "SIGTRACE_PUBLISH_INTERVAL": _Key(
-        _positive_seconds, 1.0, "seconds between a worker's metric publishes (multiprocess)"
+        _publish_interval, 1.0, "seconds between a worker's metric publishes (multiprocess)"
+    ),
+    "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": _Key(
+        _bool, False, "accept a multiprocess directory other users can write or own"
     ),
 }
 
@@ -230,6 +234,7 @@ class Settings:
     otlp_endpoint: str | None = None
     console_spans: bool = False
     publish_interval: float = 1.0
+    multiproc_allow_shared_dir: bool = False
 
     def instrument_options(self, registry: t.Any, tracer_provider: t.Any) -> Options:
         """The process-wide instrumentation these settings ask for."""

@@ -7,8 +7,8 @@ exposition server (``SIGTRACE_METRICS_PORT``), which negotiates the format the
 same way. That server is guarded like the app route: the bearer token
 (``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403). With
 ``PROMETHEUS_MULTIPROC_DIR`` set, the exposed registry sums every worker's
-sigtrace metrics (:class:`sigtrace.multiprocess.MultiprocessCollector`, which
-publishes the scraped worker's own values first) plus the app's own
+sigtrace metrics (:class:`sigtrace.multiprocess_directory.PublishedTotalsCollector`,
+which publishes the scraped worker's own values first) plus the app's own
 prometheus-client multiprocess metrics (its ``MultiProcessCollector``).
 
 Servers are kept per ``(addr, bound port)`` and reference-counted: asking
@@ -31,8 +31,9 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
+from prometheus_client.registry import Collector
 
-from . import multiprocess
+from . import multiprocess_directory, multiprocess_publisher
 
 __all__ = [
     "ServerConflict",
@@ -51,15 +52,41 @@ _STOP_TIMEOUT = 5.0  # seconds to wait for the serving thread after shutdown
 
 def exposition_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
     """The registry to expose: all workers' in multiprocess mode, else ``registry``."""
-    path = multiprocess.directory()
+    path = multiprocess_directory.directory()
     if path is not None:
-        from prometheus_client import multiprocess as client_multiprocess
-
         merged = CollectorRegistry()
-        merged.register(multiprocess.MultiprocessCollector(path))
-        client_multiprocess.MultiProcessCollector(merged, path)  # type: ignore[no-untyped-call]
+        merged.register(
+            multiprocess_directory.PublishedTotalsCollector(
+                path,
+                before_read=multiprocess_publisher.publish_all,
+                local=multiprocess_publisher.local_families,
+            )
+        )
+        merged.register(_ClientFiles(path))
         return merged
     return prometheus_client.REGISTRY if registry is None else registry
+
+
+class _ClientFiles(Collector):
+    """prometheus-client's own multiprocess metrics (the app's ``.db`` files).
+
+    Its collector raises on a removed directory or a bad file; here that is
+    counted and the scrape goes on with sigtrace's metrics.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[t.Any]:
+        from prometheus_client import multiprocess as client_multiprocess
+
+        try:
+            collector = client_multiprocess.MultiProcessCollector(None, self.path)  # type: ignore[no-untyped-call]
+            families = list(collector.collect())
+        except Exception as error:
+            multiprocess_directory.report("client_files_failed", self.path, repr(error))
+            return
+        yield from families
 
 
 def render(registry: CollectorRegistry | None, accept: str) -> tuple[bytes, str]:

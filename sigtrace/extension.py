@@ -45,7 +45,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import get_excluded_urls
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, multiprocess, tracing
+from . import dispatch, multiprocess_directory, multiprocess_publisher, tracing
 from .bindings import exemplar_of
 from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
@@ -92,7 +92,7 @@ class _AppState:
         self.durations: dict[tuple[str, str, str], t.Any] = {}
         self.metrics_port: int | None = None
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
-        self.publisher: multiprocess.Publisher | None = None
+        self.publisher: multiprocess_publisher.Publisher | None = None
         """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
 
 
@@ -354,8 +354,9 @@ class SigTrace:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
         exporters = tracing.traces_exporters() if settings.tracing else ()
-        if settings.metrics and multiprocess.directory() is not None:
-            multiprocess.check_directory(t.cast(str, multiprocess.directory()))
+        path = multiprocess_directory.directory()
+        if settings.metrics and path is not None:
+            multiprocess_publisher.check_at_init(path, settings.multiproc_allow_shared_dir)
         dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
         metrics = None
         if settings.metrics:
@@ -374,7 +375,7 @@ class SigTrace:
                 raise
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         if metrics is not None:
-            state.publisher = multiprocess.attach(metrics, settings.publish_interval)
+            state.publisher = multiprocess_publisher.attach(metrics, settings.publish_interval)
         _install_request_hooks()
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(

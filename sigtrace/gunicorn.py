@@ -2,16 +2,25 @@
 
 In ``gunicorn.conf.py``::
 
-    from sigtrace.gunicorn import child_exit, when_ready, worker_exit  # noqa: F401
+    from sigtrace.gunicorn import (  # noqa: F401
+        child_exit, on_starting, when_ready, worker_exit,
+    )
 
-with ``PROMETHEUS_MULTIPROC_DIR`` set to an existing, empty directory. The
-README's "Multiple processes" section explains the set-up;
-:mod:`sigtrace.multiprocess` how the workers' values are merged.
+with ``PROMETHEUS_MULTIPROC_DIR`` set to a directory owned by the workers'
+user, mode 0700. The README's "Multiple processes" section explains the
+set-up; :mod:`sigtrace.multiprocess_directory` how the workers' values are
+merged.
 
+* :func:`on_starting` (in the master, once) checks the directory, refusing to
+  start with the reason when the workers could not use it, and removes
+  sigtrace's files of an earlier run: a new run starts from zero.
 * :func:`worker_exit` (in a worker, as it exits) publishes its last values.
-* :func:`child_exit` (in the master) folds the dead worker's file into the
-  archive and removes its prometheus-client live-gauge files.
+* :func:`child_exit` (in the master) archives the dead worker's file and
+  removes its prometheus-client live-gauge files.
 * :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT``.
+
+Apart from :func:`on_starting`'s refusal at start, no hook lets an exception
+of sigtrace reach gunicorn: it is logged, and the server goes on.
 """
 
 from __future__ import annotations
@@ -19,10 +28,51 @@ from __future__ import annotations
 import os
 import typing as t
 
-from . import multiprocess
-from .config import load_settings
+from . import multiprocess_directory, multiprocess_publisher
+from .config import ConfigError, load_settings
 
-__all__ = ["child_exit", "when_ready", "worker_exit"]
+__all__ = ["child_exit", "on_starting", "when_ready", "worker_exit"]
+
+
+def on_starting(server: t.Any) -> None:
+    """gunicorn ``on_starting``: check the directory, and start this run from zero.
+
+    The directory must be private to the server: owned by the workers' user
+    (gunicorn's ``user``, else the master's) or root, writable by no one else
+    (see ``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR``), and writable by the
+    workers. Otherwise gunicorn stops here with the reason. sigtrace's own
+    files of an earlier run are removed (prometheus-client's are left alone).
+    """
+    path = multiprocess_directory.directory()
+    if path is None:
+        return
+    try:
+        settings = load_settings({}, os.environ)
+        worker_uid = int(getattr(server.cfg, "uid", os.geteuid()))
+        if worker_uid != os.geteuid():
+            multiprocess_directory.trust_owner(worker_uid)
+        multiprocess_directory.check_directory(
+            path, allow_shared=settings.multiproc_allow_shared_dir
+        )
+        owner = os.stat(path).st_uid
+        if worker_uid not in (owner, 0) and not settings.multiproc_allow_shared_dir:
+            raise ConfigError(
+                f"{multiprocess_directory.ENV}={path!r} is owned by uid {owner}, but gunicorn's "
+                f"workers run as uid {worker_uid} (its `user` setting) and could not write "
+                f"their metrics there: `chown {worker_uid} {path}`"
+            )
+    except ConfigError as error:
+        raise SystemExit(f"sigtrace: {error}") from None
+    multiprocess_publisher.mark_checked(path)
+    try:
+        removed = multiprocess_directory.clear(path)
+    except Exception as error:
+        server.log.warning("sigtrace: cannot clear %s of an earlier run: %r", path, error)
+        return
+    if removed:
+        server.log.info(
+            "sigtrace: removed %d file(s) of an earlier run from %s", len(removed), path
+        )
 
 
 def worker_exit(server: t.Any, worker: t.Any) -> None:
@@ -30,25 +80,35 @@ def worker_exit(server: t.Any, worker: t.Any) -> None:
 
     ``atexit`` does it too; this hook also covers exits that skip it.
     """
-    multiprocess.flush()
+    try:
+        multiprocess_publisher.stop_all()
+    except Exception as error:
+        server.log.warning("sigtrace: cannot publish worker %s's metrics: %r", worker.pid, error)
 
 
 def child_exit(server: t.Any, worker: t.Any) -> None:
-    """gunicorn ``child_exit``: fold the dead worker's values into the archive.
+    """gunicorn ``child_exit``: archive the dead worker's values.
 
     Also forgets its prometheus-client live gauges (``mark_process_dead``).
-    Does nothing outside multiprocess mode; never raises into gunicorn.
+    Does nothing outside multiprocess mode; waits at most
+    :data:`sigtrace.multiprocess_directory.LOCK_TIMEOUT` for the lock.
     """
-    path = multiprocess.directory()
+    path = multiprocess_directory.directory()
     if path is None:
         return
-    from prometheus_client import multiprocess as client_multiprocess
-
     try:
-        multiprocess.fold(path)
+        multiprocess_directory.archive_dead(path)
+    except Exception as error:
+        multiprocess_directory.report("archive_failed", path, repr(error))
+        server.log.warning("sigtrace: cannot archive worker %s's metrics: %r", worker.pid, error)
+    try:
+        from prometheus_client import multiprocess as client_multiprocess
+
         client_multiprocess.mark_process_dead(worker.pid, path)  # type: ignore[no-untyped-call]
-    except OSError as error:
-        server.log.warning("sigtrace: cannot fold worker %s's metrics: %s", worker.pid, error)
+    except Exception as error:
+        server.log.warning(
+            "sigtrace: cannot remove worker %s's prometheus-client files: %r", worker.pid, error
+        )
 
 
 def when_ready(server: t.Any) -> None:
@@ -68,7 +128,7 @@ def when_ready(server: t.Any) -> None:
             "under gunicorn set a fixed port"
         )
         return
-    if multiprocess.directory() is None:
+    if multiprocess_directory.directory() is None:
         server.log.warning(
             "sigtrace: SIGTRACE_METRICS_PORT under gunicorn needs PROMETHEUS_MULTIPROC_DIR; "
             "without it each worker would need its own port"

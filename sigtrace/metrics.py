@@ -7,11 +7,11 @@ increment and per observation (and an mmap write in multiprocess mode), which
 would be most of sigtrace's budget, so these values are written by hand; its
 classes still do the exposition (:class:`prometheus_client.registry.Collector`).
 
-A histogram's recorded values wait in their list until they are *folded* into
-bucket counts and a sum: by a scrape, by any other reader of
-:meth:`MetricFamily.snapshot`, or at the latest after :data:`FOLD_INTERVAL` by one
-daemon thread per process, which bounds the memory they take. Folding sorts
-the batch and bisects it once per bucket bound.
+A histogram's recorded values wait in their list until they are *tallied*
+into bucket counts and a sum: by a scrape, by any other caller of
+:meth:`MetricFamily.tally_samples`, or at the latest after :data:`TALLY_INTERVAL`
+by one daemon thread per process, which bounds the memory they take. Tallying
+sorts the batch and bisects it once per bucket bound.
 
 Values are the same in every deployment. Under a multi-process server each
 process keeps its own, and :mod:`sigtrace.multiprocess` publishes and merges
@@ -40,13 +40,14 @@ from prometheus_client.utils import floatToGoString
 __all__ = [
     "DEFAULT_BUCKETS",
     "DEFAULT_MAX_LABEL_VALUES",
-    "FOLD_INTERVAL",
+    "TALLY_INTERVAL",
     "OVERFLOW_VALUE",
     "CounterChild",
     "MetricFamily",
     "HistogramChild",
     "HistogramValue",
     "MetricSet",
+    "cumulative_buckets",
     "metric_set",
     "multiprocess_mode",
 ]
@@ -60,13 +61,13 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 """From 5 µs to 10 s: receivers usually run far below prometheus-client's 5 ms."""
 
 DEFAULT_MAX_LABEL_VALUES = 500
-"""Distinct values one label may take in one family before folding."""
+"""Distinct values one label may take in one family; later values are capped."""
 
 OVERFLOW_VALUE = "__overflow__"
-"""The value that label values past the cap are folded into."""
+"""The value that label values past the cap are recorded as (capped)."""
 
-FOLD_INTERVAL = 1.0
-"""Seconds at most between two folds of recorded histogram values."""
+TALLY_INTERVAL = 1.0
+"""Seconds at most between two tallies of recorded histogram values."""
 
 INF = float("inf")
 
@@ -108,7 +109,7 @@ class HistogramValue:
 
 
 class HistogramChild:
-    """Observations recorded without a lock, folded into buckets when read."""
+    """Observations recorded without a lock, tallied into buckets when read."""
 
     __slots__ = ("_counts", "_exemplars", "_lock", "_pending", "_sum", "bounds", "record")
 
@@ -130,7 +131,7 @@ class HistogramChild:
             index = bisect_left(self.bounds, amount)
             self._exemplars[index] = Exemplar(exemplar, amount, time.time())
 
-    def fold(self) -> None:
+    def tally(self) -> None:
         """Move recorded values into the bucket counts and the sum."""
         with self._lock:
             pending = self._pending
@@ -151,8 +152,8 @@ class HistogramChild:
             self._sum += sum(batch)
 
     def value(self) -> HistogramValue | None:
-        """The folded state, or None before the first observation."""
-        self.fold()
+        """Tally, then the bucket state, or None before the first observation."""
+        self.tally()
         with self._lock:
             if not any(self._counts):
                 return None
@@ -191,7 +192,7 @@ class MetricFamily:
         self.kind = kind
         self.bounds: tuple[float, ...] = (*sorted(set(buckets) - {INF}), INF)
         self.max_label_values = max_label_values
-        # Capped label values -> child. Values folded past the cap are not keys
+        # Capped label values -> child. Values past the cap are not keys
         # (they are unbounded) and take the locked path to the overflow child.
         self._children: dict[tuple[str, ...], t.Any] = {}
         self._seen: list[set[str]] = [set() for _ in self.labelnames]
@@ -199,7 +200,7 @@ class MetricFamily:
         self._lock = threading.Lock()
 
     def child(self, *values: str) -> t.Any:
-        """The child for ``values`` (folded past the cap), created once."""
+        """The child for ``values`` (capped), created once."""
         found = self._children.get(values)
         if found is not None:
             return found
@@ -239,8 +240,11 @@ class MetricFamily:
         with self._lock:
             return list(self._children.items())
 
-    def snapshot(self) -> list[Sample]:
-        """Each child's value; histograms without observations are left out."""
+    def tally_samples(self) -> list[Sample]:
+        """Tally pending observations, then each child's value.
+
+        Histograms without observations are left out.
+        """
         samples: list[Sample] = []
         for values, child in self.children():
             value = child.value()
@@ -258,10 +262,10 @@ class MetricFamily:
             if isinstance(child, HistogramChild):
                 child._lock = threading.Lock()
 
-    def fold(self) -> None:
+    def tally(self) -> None:
         if self.kind == "histogram":
             for _, child in self.children():
-                child.fold()
+                child.tally()
 
 
 def prometheus_family(
@@ -274,17 +278,28 @@ def prometheus_family(
             counter.add_metric(values, t.cast(float, total))
         return counter
     histogram = HistogramMetricFamily(family.name, family.documentation, labels=family.labelnames)
+    les = [floatToGoString(bound) for bound in family.bounds]  # type: ignore[no-untyped-call]
     for values, value in samples:
         value = t.cast(HistogramValue, value)
-        buckets: list[t.Any] = []
-        cumulative = 0.0
-        rows = zip(family.bounds, value.counts, value.exemplars, strict=True)
-        for bound, count, exemplar in rows:
-            cumulative += count
-            le = floatToGoString(bound)  # type: ignore[no-untyped-call]
-            buckets.append((le, cumulative, exemplar) if exemplar else (le, cumulative))
-        histogram.add_metric(values, buckets, value.sum)
+        rows = zip(les, value.counts, value.exemplars, strict=True)
+        histogram.add_metric(values, cumulative_buckets(rows), value.sum)
     return histogram
+
+
+def cumulative_buckets(rows: Iterable[tuple[str, float, Exemplar | None]]) -> list[t.Any]:
+    """prometheus-client's histogram buckets from per-bucket rows, in bound order.
+
+    ``rows`` are ``(le, count in that bucket alone, exemplar or None)``; the
+    result is ``(le, cumulative count)`` or ``(le, cumulative count, exemplar)``,
+    what :meth:`HistogramMetricFamily.add_metric` takes. Shared by this
+    process's exposition and the multiprocess merge.
+    """
+    buckets: list[t.Any] = []
+    cumulative = 0.0
+    for le, count, exemplar in rows:
+        cumulative += count
+        buckets.append((le, cumulative, exemplar) if exemplar else (le, cumulative))
+    return buckets
 
 
 class MetricSet:
@@ -338,7 +353,7 @@ class MetricSet:
             self.receiver_errors, self.http_duration, self.http_exceptions,
         )  # fmt: skip
         registry.register(_FamiliesCollector(self.families))
-        _folder.watch(self)
+        _tallier.watch(self)
 
     def reset(self) -> None:
         """Zero every value."""
@@ -350,9 +365,9 @@ class MetricSet:
         for family in self.families:
             family.new_locks()
 
-    def fold(self) -> None:
+    def tally(self) -> None:
         for family in self.families:
-            family.fold()
+            family.tally()
 
 
 class _FamiliesCollector(Collector):
@@ -361,7 +376,7 @@ class _FamiliesCollector(Collector):
 
     def collect(self) -> Iterable[t.Any]:
         for family in self._families:
-            yield prometheus_family(family, family.snapshot())
+            yield prometheus_family(family, family.tally_samples())
 
     def describe(self) -> Iterable[t.Any]:
         # Names only, so the registry refuses a second collector of the same
@@ -373,8 +388,8 @@ class _FamiliesCollector(Collector):
                 yield HistogramMetricFamily(family.name, family.documentation)
 
 
-class _Folder:
-    """The process's daemon thread that folds every live MetricSet periodically."""
+class _Tallier:
+    """The process's daemon thread that tallies every live MetricSet periodically."""
 
     def __init__(self) -> None:
         self._sets: weakref.WeakSet[MetricSet] = weakref.WeakSet()
@@ -389,17 +404,17 @@ class _Folder:
 
     def _start(self) -> None:
         self._pid = os.getpid()
-        threading.Thread(target=self._run, name="sigtrace-fold", daemon=True).start()
+        threading.Thread(target=self._run, name="sigtrace-tally", daemon=True).start()
 
     def _run(self) -> None:
         pid = os.getpid()
         while self._pid == pid:
-            time.sleep(FOLD_INTERVAL)
+            time.sleep(TALLY_INTERVAL)
             for metric_set in list(self._sets):
                 try:
-                    metric_set.fold()
-                except Exception:  # pragma: no cover - folding only sorts and adds
-                    log.debug("sigtrace: folding failed", exc_info=True)
+                    metric_set.tally()
+                except Exception:  # pragma: no cover - tallying only sorts and adds
+                    log.debug("sigtrace: tallying failed", exc_info=True)
 
     def after_fork_in_child(self) -> None:
         """The thread did not survive the fork: start one for this process."""
@@ -409,9 +424,9 @@ class _Folder:
             self._start()
 
 
-_folder = _Folder()
+_tallier = _Tallier()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_folder.after_fork_in_child)
+    os.register_at_fork(after_in_child=_tallier.after_fork_in_child)
 
 
 _sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = weakref.WeakKeyDictionary()

@@ -158,13 +158,13 @@ def metrics_data(
                     time_unix_nano=now,
                     value=_number(t.cast(float, value)),
                 )
-                for values, value in family.snapshot()
+                for values, value in family.tally_samples()
             ]
             data = Sum(data_points=points, aggregation_temporality=cumulative, is_monotonic=True)
         else:
             bounds = tuple(family.bounds[:-1])  # OTLP's last bucket is implicitly +Inf
             hpoints = []
-            for values, value in family.snapshot():
+            for values, value in family.tally_samples():
                 assert isinstance(value, HistogramValue)
                 counts = [int(c) for c in value.counts]
                 extra: dict[str, t.Any] = {}

@@ -190,10 +190,10 @@ class Server:
         """The totals read straight from the directory (as the CLI reads them)."""
         from prometheus_client import CollectorRegistry, generate_latest
 
-        from sigtrace.multiprocess import MultiprocessCollector
+        from sigtrace.multiprocess_directory import PublishedTotalsCollector
 
         registry = CollectorRegistry()
-        registry.register(MultiprocessCollector(str(self.prometheus_dir), fold=False))
+        registry.register(PublishedTotalsCollector(str(self.prometheus_dir), archive=False))
         samples = samples_from_text(generate_latest(registry).decode())
         return [samples.get(key, 0.0) for key in TOTALS]
 
@@ -215,7 +215,7 @@ class Server:
 
 
 GUNICORN_CONF = """\
-from sigtrace.gunicorn import child_exit, when_ready, worker_exit  # noqa: F401
+from sigtrace.gunicorn import child_exit, on_starting, when_ready, worker_exit  # noqa: F401
 
 bind = "127.0.0.1:0"
 loglevel = "info"

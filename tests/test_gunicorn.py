@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sigtrace import multiprocess
+from sigtrace import multiprocess_directory as mpd
 from tests.servers import (
     BOOT_SENDS,
     HTTP_TIMEOUT,
@@ -97,7 +97,7 @@ def test_max_requests_recycling_loses_nothing_and_folds(
     # Dead workers' files were folded (child_exit, or a scrape): the archive,
     # the lock, and at most the two live workers' files remain.
     sigtrace_files = {f for f in gunicorn.files() if f.startswith("sigtrace")}
-    assert {multiprocess.ARCHIVE_NAME, multiprocess.LOCK_NAME} <= sigtrace_files
+    assert {mpd.ARCHIVE_NAME, mpd.LOCK_NAME} <= sigtrace_files
     assert len(sigtrace_files) <= 4, sigtrace_files
     gunicorn.stop()  # graceful: the last workers publish at exit
     assert gunicorn.directory_totals() == [n] * len(TOTALS)
@@ -189,7 +189,7 @@ def test_sigkill_of_a_worker_loses_at_most_one_interval(
         assert all(a <= b for a, b in zip(earlier, later, strict=True)), (earlier, later)
     gunicorn.wait_for_log(rf"Worker \(pid:{victim}\) was sent SIGKILL")
     assert not any(f.startswith(f"sigtrace-{victim}-") for f in gunicorn.files())
-    assert multiprocess.ARCHIVE_NAME in gunicorn.files()
+    assert mpd.ARCHIVE_NAME in gunicorn.files()
     assert gunicorn.scrape()[LIVE_WORKERS] == 2  # child_exit forgot the victim's gauge
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import sigtrace
 from sigtrace import naming
-from sigtrace.metrics import DEFAULT_BUCKETS, FOLD_INTERVAL, OVERFLOW_VALUE, metric_set
+from sigtrace.metrics import DEFAULT_BUCKETS, TALLY_INTERVAL, OVERFLOW_VALUE, metric_set
 from tests.conftest import run_threads, sample, series
 
 NS = blinker.Namespace()
@@ -237,7 +237,7 @@ def test_unfindable_anonymous_signal_gets_the_fixed_name(instrumented: Collector
     assert {"signal": naming.ANONYMOUS_SIGNAL} in labels
 
 
-def test_label_cap_folds_new_values_into_overflow_with_one_warning(
+def test_label_cap_records_new_values_as_overflow_with_one_warning(
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     sigtrace.instrument(registry=registry, max_label_values=3)
@@ -358,8 +358,8 @@ def test_a_second_instrument_with_other_options_names_the_option(
     assert not sigtrace.is_instrumented()
 
 
-def test_recorded_durations_are_folded_without_any_scrape(registry: CollectorRegistry) -> None:
-    """The per-process fold thread bounds what waits in a histogram's list."""
+def test_recorded_durations_are_tallied_without_any_scrape(registry: CollectorRegistry) -> None:
+    """The per-process tally thread bounds what waits in a histogram's list."""
     signal = blinker.NamedSignal("folded")
     signal.connect(lambda sender, **kw: None, weak=False)
     sigtrace.instrument(registry=registry)
@@ -367,10 +367,10 @@ def test_recorded_durations_are_folded_without_any_scrape(registry: CollectorReg
         signal.send("x")
     child = metric_set(registry).signal_duration.child("folded")
     waiting = [len(child._pending)]
-    deadline = 10 * FOLD_INTERVAL
+    deadline = 10 * TALLY_INTERVAL
     started = time.monotonic()
     while child._pending and time.monotonic() - started < deadline:
-        time.sleep(FOLD_INTERVAL / 10)
+        time.sleep(TALLY_INTERVAL / 10)
     waiting.append(len(child._pending))
     assert waiting[-1] == 0, f"values still waiting after {deadline} s: {waiting}"
-    assert sum(child._counts) == 1000  # folded, not dropped
+    assert sum(child._counts) == 1000  # tallied, not dropped

@@ -1,4 +1,4 @@
-"""sigtrace.multiprocess: publish, merge, fold, exemplars, totals that never go back.
+"""sigtrace.multiprocess_*: publish, merge, archive, exemplars, totals that never go back.
 
 Unit level: real files in a temporary directory, real forks and real dead
 processes, the exposition read back through prometheus-client's parser.
@@ -21,7 +21,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from sigtrace import ConfigError, multiprocess
+from sigtrace import ConfigError
+from sigtrace import multiprocess_directory as mpd
+from sigtrace import multiprocess_format as fmt
+from sigtrace import multiprocess_publisher as publishing
 from sigtrace.metrics import MetricSet
 from tests.conftest import samples_from_text
 
@@ -61,7 +64,11 @@ def record(
 
 def scrape(path: Path, *, fold: bool = True, openmetrics: bool = False) -> str:
     registry = CollectorRegistry()
-    registry.register(multiprocess.MultiprocessCollector(str(path), fold=fold))
+    registry.register(
+        mpd.PublishedTotalsCollector(
+            str(path), archive=fold, before_read=publishing.publish_all if fold else None
+        )
+    )
     body = (generate_openmetrics if openmetrics else generate_latest)(registry)
     return body.decode()
 
@@ -81,16 +88,16 @@ def files(path: Path) -> set[str]:
 
 def write_as(path: Path, pid: int, metrics: MetricSet) -> str:
     """Publish ``metrics`` as if by process ``pid`` (a dead one): a file named for it."""
-    document = multiprocess.snapshot_document(metrics, pid)
+    document = fmt.process_document(metrics, pid)
     name = f"sigtrace-{pid}-{os.urandom(4).hex()}.json"
     temp = path / f".{name}.{os.getpid()}.tmp"
-    temp.write_text(json.dumps(document))
+    temp.write_bytes(fmt.encode(document))
     os.replace(temp, path / name)  # whole, as the publisher writes
     return name
 
 
 def test_attach_writes_nothing_and_publish_only_on_change(mpdir: Path, metrics: MetricSet) -> None:
-    publisher = multiprocess.attach(metrics, interval=3600)
+    publisher = publishing.attach(metrics, interval=3600)
     assert publisher is not None
     assert files(mpdir) == set()
     assert publisher.publish() is False  # nothing recorded: no file
@@ -113,7 +120,7 @@ def test_attach_outside_multiprocess_mode_is_none(
     monkeypatch: pytest.MonkeyPatch, metrics: MetricSet
 ) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    assert multiprocess.attach(metrics) is None
+    assert publishing.attach(metrics) is None
 
 
 def test_missing_directory_is_a_config_error(
@@ -122,10 +129,10 @@ def test_missing_directory_is_a_config_error(
     missing = tmp_path / "nope"
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(missing))
     with pytest.raises(ConfigError) as info:
-        multiprocess.attach(metrics)
+        publishing.check_at_init(str(missing))
     message = str(info.value)
     assert "PROMETHEUS_MULTIPROC_DIR" in message and str(missing) in message
-    assert "mkdir -p" in message
+    assert "mkdir -m 0700 -p" in message
     assert not missing.exists()
 
 
@@ -152,7 +159,7 @@ def test_unwritable_directory_is_a_config_error(
     assert not os.access("/proc/sys", os.W_OK)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/proc/sys")
     with pytest.raises(ConfigError, match=r"PROMETHEUS_MULTIPROC_DIR='/proc/sys' is not writable"):
-        multiprocess.attach(metrics)
+        publishing.check_at_init("/proc/sys")
 
 
 def test_workers_are_summed_and_the_freshest_exemplar_wins(mpdir: Path) -> None:
@@ -187,7 +194,7 @@ def test_workers_are_summed_and_the_freshest_exemplar_wins(mpdir: Path) -> None:
     assert "sigtrace_signal_duration_seconds" not in families  # never observed
 
 
-def test_dead_processes_are_folded_into_one_archive(mpdir: Path) -> None:
+def test_dead_processes_are_archived_into_one_file(mpdir: Path) -> None:
     live = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(live, 1, [0.05], trace="live")
     live_name = write_as(mpdir, os.getpid(), live)
@@ -197,48 +204,48 @@ def test_dead_processes_are_folded_into_one_archive(mpdir: Path) -> None:
         write_as(mpdir, dead_pid(), dead)
     before = totals(mpdir, fold=False)
     assert before[SENDS] == 31
-    assert multiprocess.fold(str(mpdir)) == 3
-    assert files(mpdir) == {live_name, multiprocess.ARCHIVE_NAME, multiprocess.LOCK_NAME}
+    assert mpd.archive_dead(str(mpdir)) == 3
+    assert files(mpdir) == {live_name, mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
     assert totals(mpdir, fold=False) == before
-    assert multiprocess.fold(str(mpdir)) == 0  # nothing left to fold
+    assert mpd.archive_dead(str(mpdir)) == 0  # nothing left to fold
     # Folding again later adds to the archive, and exemplars survive it.
     dead = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(dead, 5)
     write_as(mpdir, dead_pid(), dead)
     assert totals(mpdir)[SENDS] == 36  # a scrape folds too
-    assert files(mpdir) == {live_name, multiprocess.ARCHIVE_NAME, multiprocess.LOCK_NAME}
+    assert files(mpdir) == {live_name, mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
     text = scrape(mpdir, openmetrics=True)
     assert 'trace_id="dead2"' in text and 'trace_id="live"' in text
 
 
-def test_a_fold_cut_short_counts_nothing_twice(mpdir: Path) -> None:
+def test_an_archiving_pass_cut_short_counts_nothing_twice(mpdir: Path) -> None:
     dead = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(dead, 7)
     name = write_as(mpdir, dead_pid(), dead)
-    assert multiprocess.fold(str(mpdir)) == 1
+    assert mpd.archive_dead(str(mpdir)) == 1
     # As if the folder died after writing the archive, before deleting the file:
-    (mpdir / name).write_text(json.dumps(multiprocess.snapshot_document(dead, dead_pid())))
+    (mpdir / name).write_bytes(fmt.encode(fmt.process_document(dead, dead_pid())))
     assert totals(mpdir, fold=False)[SENDS] == 7  # listed in the archive: skipped
-    assert multiprocess.fold(str(mpdir)) == 0
+    assert mpd.archive_dead(str(mpdir)) == 0
     assert name not in files(mpdir)  # and deleted by the next fold
     assert totals(mpdir)[SENDS] == 7
-    archive = json.loads((mpdir / multiprocess.ARCHIVE_NAME).read_text())
-    assert archive["folded"] == [name]  # pruned at the next fold that changes it
+    archive = json.loads((mpdir / mpd.ARCHIVE_NAME).read_text())
+    assert archive["archived"] == [name]  # pruned at the next fold that changes it
 
 
 def test_a_thousand_restarts_keep_the_directory_small_and_totals_exact(mpdir: Path) -> None:
     one = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(one, 1, [0.05], trace="x")
-    document = json.dumps(multiprocess.snapshot_document(one, os.getpid()))
+    document = fmt.encode(fmt.process_document(one, os.getpid()))
     pid = dead_pid()
     for i in range(1000):
-        (mpdir / f"sigtrace-{pid}-{i:08x}.json").write_text(document)
+        (mpdir / f"sigtrace-{pid}-{i:08x}.json").write_bytes(document)
         if i % 50 == 49:  # child_exit folds after each exit; here every 50
-            multiprocess.fold(str(mpdir))
+            mpd.archive_dead(str(mpdir))
     samples = totals(mpdir)
     assert samples[SENDS] == 1000 and samples[CALLS] == 1000
-    assert files(mpdir) == {multiprocess.ARCHIVE_NAME, multiprocess.LOCK_NAME}
-    assert (mpdir / multiprocess.ARCHIVE_NAME).stat().st_size < 4096
+    assert files(mpdir) == {mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
+    assert (mpdir / mpd.ARCHIVE_NAME).stat().st_size < 4096
 
 
 def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> None:
@@ -261,7 +268,7 @@ def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> No
         thread.start()
     expected = 0
     live = MetricSet(CollectorRegistry(), buckets=(0.1,))
-    publisher = multiprocess.Publisher(live, str(mpdir), 3600)
+    publisher = publishing.Publisher(live, str(mpdir), 3600)
     try:
         for i in range(200):
             dead = MetricSet(CollectorRegistry(), buckets=(0.1,))
@@ -272,7 +279,7 @@ def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> No
             expected += 1
             publisher.publish()  # a live process growing its file
             if i % 7 == 0:
-                multiprocess.fold(str(mpdir))
+                mpd.archive_dead(str(mpdir))
     finally:
         stop.set()
         for thread in threads:
@@ -295,7 +302,7 @@ def test_a_reader_writes_nothing(mpdir: Path) -> None:
 
 
 def test_a_forked_child_publishes_only_its_own_values(mpdir: Path, metrics: MetricSet) -> None:
-    publisher = multiprocess.attach(metrics, interval=3600)
+    publisher = publishing.attach(metrics, interval=3600)
     assert publisher is not None
     record(metrics, 5)  # recorded before the fork (e.g. a --preload master)
     read, write = os.pipe()
@@ -304,7 +311,7 @@ def test_a_forked_child_publishes_only_its_own_values(mpdir: Path, metrics: Metr
         try:
             publisher.ensure_started()
             record(metrics, 2)
-            publisher.stop()
+            publisher.publish_and_stop()
             os.write(write, b"ok")
         finally:
             os._exit(0)
@@ -318,17 +325,3 @@ def test_a_forked_child_publishes_only_its_own_values(mpdir: Path, metrics: Metr
     assert totals(mpdir)[SENDS] == 7
 
 
-def test_a_vanished_directory_warns_once_and_never_raises(
-    mpdir: Path, metrics: MetricSet, caplog: pytest.LogCaptureFixture
-) -> None:
-    publisher = multiprocess.attach(metrics, interval=3600)
-    assert publisher is not None
-    mpdir.rmdir()  # deleted under a running server
-    with caplog.at_level("WARNING", logger="sigtrace"):
-        for _ in range(3):
-            record(metrics, 1)
-            assert publisher.publish() is False
-        assert scrape(mpdir) == ""  # the scrape answers, empty
-    publishes = [r for r in caplog.records if "cannot publish" in r.getMessage()]
-    assert len(publishes) == 1
-    assert any("cannot read workers' metrics" in r.getMessage() for r in caplog.records)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sigtrace import multiprocess
+from sigtrace import multiprocess_directory as mpd
 from tests.servers import BOOT_SENDS, TOTALS, Server, start_uwsgi
 
 if sys.platform == "win32":  # pragma: no cover
@@ -59,6 +59,6 @@ def test_without_threads_reloaded_workers_lose_nothing(
     uwsgi.scrape()  # folds the reloaded workers' files
     files = uwsgi.files()
     assert not any(f.startswith(f"sigtrace-{pid}-") for pid in first for f in files), files
-    assert multiprocess.ARCHIVE_NAME in files
+    assert mpd.ARCHIVE_NAME in files
     uwsgi.stop(signal.SIGTERM)  # graceful: every worker publishes at exit
     assert uwsgi.directory_totals() == [200] * len(TOTALS)
