@@ -82,7 +82,7 @@ class _ClientFiles(Collector):
 
         try:
             collector = client_multiprocess.MultiProcessCollector(None, self.path)  # type: ignore[no-untyped-call]
-            families = list(collector.collect())
+            families = list(collector.collect())  # type: ignore[no-untyped-call]
         except Exception as error:
             multiprocess_directory.report("client_files_failed", self.path, repr(error))
             return

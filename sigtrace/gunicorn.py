@@ -55,11 +55,13 @@ def on_starting(server: t.Any) -> None:
             path, allow_shared=settings.multiproc_allow_shared_dir
         )
         owner = os.stat(path).st_uid
-        if worker_uid not in (owner, 0) and not settings.multiproc_allow_shared_dir:
+        mismatch = owner not in (0, os.geteuid(), worker_uid) or worker_uid not in (owner, 0)
+        if mismatch and not settings.multiproc_allow_shared_dir:
             raise ConfigError(
-                f"{multiprocess_directory.ENV}={path!r} is owned by uid {owner}, but gunicorn's "
-                f"workers run as uid {worker_uid} (its `user` setting) and could not write "
-                f"their metrics there: `chown {worker_uid} {path}`"
+                f"{multiprocess_directory.ENV}={path!r} is owned by uid {owner}, but "
+                f"gunicorn's workers run as uid {worker_uid} (its `user` setting): they "
+                f"must own it to write their metrics there, and no other user may: "
+                f"`chown {worker_uid} {path} && chmod 0700 {path}`"
             )
     except ConfigError as error:
         raise SystemExit(f"sigtrace: {error}") from None

@@ -16,9 +16,11 @@ A root process (a gunicorn master whose workers run as ``user =``) hands the
 files it creates to the directory's owner, so the workers read them.
 
 **Who may own the directory.** At start (:func:`check_directory`) the
-directory must be owned by this process's user or root (or by the user
-gunicorn's workers run as, see :func:`trust_owner`) and be writable by no one
-else, like OpenSSH's StrictModes; ``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR``
+directory must be owned by this process's user or root and be writable by no
+one else, like OpenSSH's StrictModes. A root process (a master whose workers
+run as another user) accepts a private directory of another user, whose files
+it then hands to that user; gunicorn's ``on_starting`` hook checks that the
+owner is the workers' user (:func:`trust_owner`). ``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR``
 accepts any directory, at the risk that a local user who can write there
 forges, deletes or reads the metrics. A reader opens entries with
 ``O_NOFOLLOW | O_NONBLOCK`` and reads only regular files owned by root, this
@@ -212,7 +214,10 @@ def directory_problem(path: str, *, allow_shared: bool = False) -> str | None:
     owner, mode = info.st_uid, stat.S_IMODE(info.st_mode)
     if not allow_shared:
         shared = mode & 0o022
-        foreign = owner not in _allowed_owners()
+        # A root process (a master whose workers switch user) takes the owner
+        # of a private directory for its workers' user and hands it its files;
+        # gunicorn's on_starting checks it is that user.
+        foreign = os.geteuid() != 0 and owner not in _allowed_owners()
         if shared or foreign:
             problem = "writable by other users" if shared else "owned by another user"
             return (
@@ -306,9 +311,7 @@ def _open_lock(path: str, *, exclusive: bool) -> int:
             if owner is not None:
                 os.fchown(fd, *owner)
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid not in _allowed_owners(
-        os.stat(path).st_uid
-    ):
+    if not stat.S_ISREG(info.st_mode) or info.st_uid not in _allowed_owners(os.stat(path).st_uid):
         os.close(fd)
         raise OSError(errno.EPERM, "not a regular file of the server's users", lock_path)
     return fd
@@ -359,7 +362,7 @@ def _read_entry(path: str, name: str, owners: set[int]) -> bytes:
     except OSError as error:
         reason = "not_regular" if error.errno == errno.ELOOP else "unreadable"
         raise _Skipped(reason, error) from None
-    with open(fd, "rb") as file:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _Skipped("not_regular", f"mode {stat.filemode(info.st_mode)}")
@@ -367,6 +370,10 @@ def _read_entry(path: str, name: str, owners: set[int]) -> bytes:
             raise _Skipped("foreign_owner", f"owned by uid {info.st_uid}")
         if info.st_size > MAX_FILE_BYTES:
             raise _Skipped("too_large", f"{info.st_size} bytes")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as file:
         try:
             return file.read(MAX_FILE_BYTES + 1)
         except OSError as error:
@@ -515,19 +522,21 @@ class Reader:
         except FileNotFoundError:  # no lock file: no archiver ran after all
             return self._read_once()
 
-    def _archive(self, owners: set[int]) -> fmt.Document | None:
+    def _archive(self, owners: set[int], *, first: bool) -> fmt.Document | None:
         try:
             return _load(self.path, ARCHIVE_NAME, owners, "archive")
         except FileNotFoundError:
             return None
         except _Skipped as skipped:
-            report(f"archive_{skipped.reason}", os.path.join(self.path, ARCHIVE_NAME), skipped)
+            if first:  # once per read
+                where = os.path.join(self.path, ARCHIVE_NAME)
+                report(f"archive_{skipped.reason}", where, f"{skipped}; skipped")
             return None
 
     def _read_once(self) -> fmt.Totals:
         owners = _owners(self.path)
         totals = fmt.Totals()
-        archive = self._archive(owners)
+        archive = self._archive(owners, first=True)
         generation = -1 if archive is None else archive["generation"]
         archived: set[str] = set()
         if archive is not None:
@@ -558,7 +567,7 @@ class Reader:
             del self._seen[gone]
         # An archiving pass that finished meanwhile may have deleted files
         # before we listed them, whose values the archive we read lacks.
-        latest = self._archive(owners)
+        latest = self._archive(owners, first=False)
         if (-1 if latest is None else latest["generation"]) != generation:
             raise _ArchiveChanged
         return totals
@@ -591,8 +600,8 @@ class PublishedTotalsCollector(Collector):
 
     ``before_read`` runs first (a scrape publishes the scraped process's own
     latest values); ``archive`` archives dead processes' files (a scrape does,
-    the CLI reads only). When the directory cannot be read, ``local`` gives
-    this process's own families from memory, served instead. Also yields
+    the CLI reads only). When the directory cannot be read, ``local(path)``
+    gives this process's own families from memory, served instead. Also yields
     ``sigtrace_multiprocess_errors_total`` of this process.
     """
 
@@ -602,7 +611,7 @@ class PublishedTotalsCollector(Collector):
         *,
         archive: bool = True,
         before_read: Callable[[], object] | None = None,
-        local: Callable[[], Iterable[t.Any]] | None = None,
+        local: Callable[[str], Iterable[t.Any]] | None = None,
     ) -> None:
         self.path = path
         self._archive = archive
@@ -624,7 +633,7 @@ class PublishedTotalsCollector(Collector):
             reason = "directory_missing" if isinstance(error, FileNotFoundError) else "read_failed"
             report(reason, self.path, f"{error!r}; serving this process's values only")
             if self._local is not None:
-                yield from self._local()
+                yield from self._local(self.path)
         else:
             yield from totals.metric_families()
         yield errors_family()

@@ -151,13 +151,19 @@ def process_document(metrics: MetricSet, pid: int) -> Document:
                     exemplars=[
                         None
                         if ex is None
-                        else ExemplarDoc(labels=dict(ex.labels), value=ex.value, timestamp=ex.timestamp)
+                        else ExemplarDoc(
+                            labels=dict(ex.labels),
+                            value=ex.value,
+                            timestamp=None if ex.timestamp is None else float(ex.timestamp),
+                        )
                         for ex in value.exemplars
                     ],
                 )
             )
         if series:
-            bounds = [floatToGoString(b) for b in family.bounds] if family.kind == "histogram" else []  # type: ignore[no-untyped-call]
+            bounds: list[str] = []
+            if family.kind == "histogram":
+                bounds = [floatToGoString(b) for b in family.bounds]  # type: ignore[no-untyped-call]
             families.append(
                 Family(
                     name=family.name,

@@ -345,11 +345,12 @@ def at_exit() -> None:
     stop_all()
 
 
-def local_families() -> Iterator[t.Any]:
-    """This process's own values from memory, as Prometheus families."""
+def local_families(path: str) -> Iterator[t.Any]:
+    """This process's own values for ``path``, from memory, as Prometheus families."""
     totals = fmt.Totals()
     for publisher in _own_publishers():
-        totals.add(fmt.process_document(publisher.metrics, publisher._pid))
+        if publisher.path == path:
+            totals.add(fmt.process_document(publisher.metrics, publisher._pid))
     return totals.metric_families()
 
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import sigtrace
 from sigtrace import naming
-from sigtrace.metrics import DEFAULT_BUCKETS, TALLY_INTERVAL, OVERFLOW_VALUE, metric_set
+from sigtrace.metrics import DEFAULT_BUCKETS, OVERFLOW_VALUE, TALLY_INTERVAL, metric_set
 from tests.conftest import run_threads, sample, series
 
 NS = blinker.Namespace()
