@@ -59,7 +59,7 @@ def exposition_registry(registry: CollectorRegistry | None) -> CollectorRegistry
             multiprocess_directory.PublishedTotalsCollector(
                 path,
                 before_read=multiprocess_publisher.publish_all,
-                local=multiprocess_publisher.local_families,
+                local=multiprocess_publisher.local_documents,
             )
         )
         merged.register(_ClientFiles(path))

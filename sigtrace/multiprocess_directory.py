@@ -505,22 +505,25 @@ class Reader:
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def read(self) -> fmt.Totals:
-        """Raises :class:`OSError` when the directory cannot be listed."""
-        with self._lock:
-            return self._read()
+    def read(self, skip: Iterable[str] = ()) -> fmt.Totals:
+        """The totals, without the files named in ``skip``.
 
-    def _read(self) -> fmt.Totals:
+        Raises :class:`OSError` when the directory cannot be listed.
+        """
+        with self._lock:
+            return self._read(frozenset(skip))
+
+    def _read(self, skip: frozenset[str]) -> fmt.Totals:
         for _ in range(_READ_ATTEMPTS):
             try:
-                return self._read_once()
+                return self._read_once(skip)
             except _ArchiveChanged:
                 continue  # an archiving pass ran while we read: start over
         try:
             with _locked(self.path, exclusive=False):
-                return self._read_once()
+                return self._read_once(skip)
         except FileNotFoundError:  # no lock file: no archiver ran after all
-            return self._read_once()
+            return self._read_once(skip)
 
     def _archive(self, owners: set[int], *, first: bool) -> fmt.Document | None:
         try:
@@ -533,7 +536,7 @@ class Reader:
                 report(f"archive_{skipped.reason}", where, f"{skipped}; skipped")
             return None
 
-    def _read_once(self) -> fmt.Totals:
+    def _read_once(self, skip: frozenset[str]) -> fmt.Totals:
         owners = _owners(self.path)
         totals = fmt.Totals()
         archive = self._archive(owners, first=True)
@@ -544,7 +547,7 @@ class Reader:
             archived = set(archive["archived"])
         names = sorted(os.listdir(self.path))
         for name in names:
-            if _PROCESS_FILE.match(name) is None or name in archived:
+            if _PROCESS_FILE.match(name) is None or name in archived or name in skip:
                 continue
             try:
                 document = _load(self.path, name, owners, "process")
@@ -600,9 +603,11 @@ class PublishedTotalsCollector(Collector):
 
     ``before_read`` runs first (a scrape publishes the scraped process's own
     latest values); ``archive`` archives dead processes' files (a scrape does,
-    the CLI reads only). When the directory cannot be read, ``local(path)``
-    gives this process's own families from memory, served instead. Also yields
-    ``sigtrace_multiprocess_errors_total`` of this process.
+    the CLI reads only). ``local(path)`` gives this process's own values from
+    memory, ``(file name, document)`` per publisher: they are served in place
+    of the files of those names, so a scrape shows its process's values even
+    when they could not be written, and alone when the directory cannot be
+    read. Also yields ``sigtrace_multiprocess_errors_total`` of this process.
     """
 
     def __init__(
@@ -611,7 +616,7 @@ class PublishedTotalsCollector(Collector):
         *,
         archive: bool = True,
         before_read: Callable[[], object] | None = None,
-        local: Callable[[str], Iterable[t.Any]] | None = None,
+        local: Callable[[str], list[tuple[str, fmt.Document]]] | None = None,
     ) -> None:
         self.path = path
         self._archive = archive
@@ -627,15 +632,16 @@ class PublishedTotalsCollector(Collector):
                 archive_dead(self.path)
         except Exception as error:
             report("archive_failed", self.path, error)
+        own = [] if self._local is None else self._local(self.path)
         try:
-            totals = self._reader.read()
+            totals = self._reader.read(skip=[name for name, _ in own])
         except Exception as error:
             reason = "directory_missing" if isinstance(error, FileNotFoundError) else "read_failed"
             report(reason, self.path, f"{error!r}; serving this process's values only")
-            if self._local is not None:
-                yield from self._local(self.path)
-        else:
-            yield from totals.metric_families()
+            totals = fmt.Totals()
+        for _, document in own:
+            totals.add(document)
+        yield from totals.metric_families()
         yield errors_family()
 
 

@@ -76,7 +76,7 @@ __all__ = [
     "attach",
     "before_fork",
     "check_at_init",
-    "local_families",
+    "local_documents",
     "mark_checked",
     "publish_all",
     "register_process_hooks",
@@ -345,13 +345,13 @@ def at_exit() -> None:
     stop_all()
 
 
-def local_families(path: str) -> Iterator[t.Any]:
-    """This process's own values for ``path``, from memory, as Prometheus families."""
-    totals = fmt.Totals()
-    for publisher in _own_publishers():
-        if publisher.path == path:
-            totals.add(fmt.process_document(publisher.metrics, publisher._pid))
-    return totals.metric_families()
+def local_documents(path: str) -> list[tuple[str, fmt.Document]]:
+    """This process's values for ``path`` from memory: (its file's name, document)."""
+    return [
+        (publisher.name, fmt.process_document(publisher.metrics, publisher._pid))
+        for publisher in _own_publishers()
+        if publisher.path == path
+    ]
 
 
 def before_fork() -> None:

@@ -96,7 +96,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Server:
     """A running server master: its port, multiprocess dir and log."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], prometheus_dir: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], prometheus_dir: Path, umask: int = -1
+    ) -> None:
         self.prometheus_dir = prometheus_dir
         self.log: list[str] = []
         self._changed = threading.Condition()
@@ -109,6 +111,7 @@ class Server:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            umask=umask,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -232,11 +235,18 @@ def start_gunicorn(
     conf: str = "",
     args: Iterable[str] = (),
     metrics_port: bool = False,
+    prometheus_dir: Path | None = None,
+    umask: int = -1,
     **env: str,
 ) -> Server:
-    """gunicorn with sigtrace's hooks; returns once every worker has booted."""
-    prometheus_dir = tmp_path / "prometheus"
-    prometheus_dir.mkdir()
+    """gunicorn with sigtrace's hooks; returns once every worker has booted.
+
+    ``prometheus_dir``: an existing directory to use (else a new one in
+    ``tmp_path``); ``umask``: the master's (-1: this process's).
+    """
+    if prometheus_dir is None:
+        prometheus_dir = tmp_path / "prometheus"
+        prometheus_dir.mkdir()
     conf_path = tmp_path / "gunicorn.conf.py"
     conf_path.write_text(GUNICORN_CONF + f"workers = {workers}\n" + conf)
     port = free_port() if metrics_port else 0
@@ -250,6 +260,7 @@ def start_gunicorn(
         ],
         clean_env(PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir), **env),
         prometheus_dir,
+        umask,
     )
     try:
         listening = server.wait_for_log(r"Listening at: http://127\.0\.0\.1:(\d+)")

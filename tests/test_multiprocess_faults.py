@@ -56,7 +56,7 @@ def scrape(
             str(path),
             archive=archive,
             before_read=publishing.publish_all,
-            local=publishing.local_families,
+            local=publishing.local_documents,
         )
     )
     return samples_from_text(generate_latest(registry).decode())
@@ -370,7 +370,7 @@ def test_a_full_disk_keeps_values_in_memory_and_logs_what_an_exit_loses(
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
         assert not publisher.publish()
         samples = scrape(small_tmpfs)
-    assert samples[SENDS] == 3  # the directory still reads: its last good file
+    assert samples[SENDS] == 10  # its own values from memory, in place of its stale file
     assert errors(samples, "disk_full") == 2  # this publish and the scrape's
     assert not [n for n in files(small_tmpfs) if n.startswith(".sigtrace-tmp-")]  # cleaned up
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
@@ -396,7 +396,7 @@ def test_a_read_only_directory_keeps_values_in_memory_until_writable_again(
         assert not publisher.publish()
         samples = scrape(small_tmpfs)
         assert errors(samples, "write_denied") >= 1
-        assert samples[SENDS] == 2  # what was published; read-only still reads
+        assert samples[SENDS] == 5  # its own values from memory, in place of its file
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
     assert publisher.publish()
