@@ -276,10 +276,13 @@ def start_gunicorn(
     return server
 
 
-def start_uwsgi(tmp_path: Path, *options: str, **env: str) -> Server:
+def start_uwsgi(
+    tmp_path: Path, *options: str, prometheus_dir: Path | None = None, **env: str
+) -> Server:
     """uWSGI (master + workers) serving HTTP itself; returns once it answers."""
-    prometheus_dir = tmp_path / "prometheus"
-    prometheus_dir.mkdir()
+    if prometheus_dir is None:
+        prometheus_dir = tmp_path / "prometheus"
+        prometheus_dir.mkdir()
     server = Server(
         [
             *(str(Path(sys.executable).with_name("uwsgi")), "--http-socket", "127.0.0.1:0"),

@@ -209,3 +209,23 @@ def test_the_collector_forwards_otlp_to_tempo() -> None:
     assert tempo_config is not None
     receivers = yaml.safe_load(tempo_config.read_text())["distributor"]["receivers"]
     assert receivers["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+
+
+def test_the_multiprocess_directory_passes_sigtrace_s_check(tmp_path: Path) -> None:
+    """The tmpfs is private to the image's user: sigtrace refuses 1777."""
+    from sigtrace.multiprocess_directory import directory_problem
+
+    app = service("app")
+    multiproc = app["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    (mount,) = [m for m in app["tmpfs"] if m.split(":")[0] == multiproc]
+    options = dict(o.split("=") for o in mount.split(":", 1)[1].split(","))
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    uid = re.search(r"useradd .*--uid (\d+) .*?(\w+)\s*\\?$", dockerfile, re.MULTILINE)
+    assert uid is not None and options["uid"] == uid.group(1) == options["gid"]
+    assert re.search(rf"^USER {uid.group(2)}$", dockerfile, re.MULTILINE)
+    assert f"-m 0700 {multiproc}" in dockerfile  # the image's own copy, for a run without it
+    # The same mode, owned by this process's user, as the container's user owns it.
+    directory = tmp_path / "multiproc"
+    directory.mkdir()
+    directory.chmod(int(options["mode"], 8))
+    assert directory_problem(str(directory)) is None

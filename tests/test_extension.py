@@ -431,6 +431,7 @@ BAD_VALUES: dict[str, object] = {
     "SIGTRACE_OTLP_ENDPOINT": 8,
     "SIGTRACE_CONSOLE_SPANS": "loud",
     "SIGTRACE_PUBLISH_INTERVAL": 0,
+    "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": "perhaps",
 }
 
 

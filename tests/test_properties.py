@@ -495,7 +495,8 @@ BAD_VALUES: dict[str, list[object]] = {
     "SIGTRACE_MAX_LABEL_VALUES": [0, -5, 1.5, "ten", True, math.inf, math.nan, None],
     "SIGTRACE_OTLP_ENDPOINT": ["   ", 4317, ["http://x"]],
     "SIGTRACE_CONSOLE_SPANS": ["loud", 3],
-    "SIGTRACE_PUBLISH_INTERVAL": [0, -1, "soon", True, math.inf, math.nan, None, [1]],
+    "SIGTRACE_PUBLISH_INTERVAL": [0, -1, "soon", True, math.inf, math.nan, None, [1], 0.001, 61],
+    "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": ["perhaps", 2, None],
 }
 
 

@@ -62,3 +62,20 @@ def test_without_threads_reloaded_workers_lose_nothing(
     assert mpd.ARCHIVE_NAME in files
     uwsgi.stop(signal.SIGTERM)  # graceful: every worker publishes at exit
     assert uwsgi.directory_totals() == [200] * len(TOTALS)
+
+
+def test_files_of_an_earlier_run_are_named_in_a_startup_warning(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """uWSGI runs no hook that could clear the directory: the master warns."""
+    first = start_uwsgi(tmp_path, "--processes", "2")
+    servers.append(first)
+    first.load(10, threads=2)
+    first.stop(signal.SIGTERM)
+    left = sorted(f for f in first.files() if f.startswith("sigtrace-"))
+    assert left
+    second = start_uwsgi(tmp_path, "--processes", "2", prometheus_dir=first.prometheus_dir)
+    servers.append(second)
+    (warning,) = second.wait_for_log(r"holds \d+ file\(s\) of an earlier server run \(([^)]*)\)")
+    assert set(warning.group(1).split(", ")) <= set(left)
+    assert "Empty the directory before each start" in warning.string
