@@ -6,7 +6,9 @@ set, a :class:`Publisher` writes a snapshot of those values to the process's
 own file (:mod:`sigtrace.multiprocess_directory`), and any process's scrape
 sums every file.
 
-**When.** A daemon thread publishes every ``interval`` seconds
+**When.** From a process's first request on (where it also warns about
+files of an earlier server run, unless gunicorn's ``on_starting`` emptied the
+directory), a daemon thread publishes every ``interval`` seconds
 (``SIGTRACE_PUBLISH_INTERVAL``, 0.1 to 60, default 1 s), and only when a value
 changed; a scrape served by a worker publishes that worker's values first; a
 graceful exit publishes the last values (``atexit``, and gunicorn's
@@ -163,6 +165,8 @@ class Publisher:
             if self._started:
                 return
             self._started = True
+            if self.path not in _checked_paths:
+                _warn_stale(self.path)  # no on_starting hook cleared the directory
             if _threads_run():
                 self._thread = threading.Thread(
                     target=self._run, name="sigtrace-publisher", daemon=True
@@ -277,17 +281,16 @@ def check_at_init(path: str, allow_shared: bool = False) -> None:
 
     Where the server's master checked it at start (:func:`mark_checked`), a
     problem is a run-time fault instead: counted and warned about, and the
-    worker boots. Elsewhere, warns about files of an earlier server run.
+    worker boots.
     """
     problem = mpdir.directory_problem(path, allow_shared=allow_shared)
-    if problem is not None:
-        if path not in _checked_paths:
-            from .config import ConfigError
+    if problem is None:
+        return
+    if path not in _checked_paths:
+        from .config import ConfigError
 
-            raise ConfigError(problem)
-        mpdir.report("directory_unusable", path, problem)
-    elif path not in _checked_paths:
-        _warn_stale(path)
+        raise ConfigError(problem)
+    mpdir.report("directory_unusable", path, problem)
 
 
 def attach(metrics: MetricSet, interval: float = DEFAULT_INTERVAL) -> Publisher | None:

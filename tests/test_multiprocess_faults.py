@@ -466,14 +466,18 @@ def test_files_of_an_earlier_run_are_named_in_a_startup_warning(
     document["run"] = os.getpgrp() + 1  # another server run's process group
     name = f"sigtrace-{document['pid']}-01d.json"
     (mpdir / name).write_text(json.dumps(document))
+    stale = publishing.Publisher(MetricSet(CollectorRegistry()), str(mpdir), 3600)
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
-        publishing.check_at_init(str(mpdir))
+        stale.ensure_started()  # a process's first request
+    stale.publish_and_stop()
     (message,) = [r.getMessage() for r in caplog.records if "earlier server run" in r.getMessage()]
     assert name in message and "Empty the directory" in message
     caplog.clear()
     (mpdir / name).unlink()
+    fresh = publishing.Publisher(MetricSet(CollectorRegistry()), str(mpdir), 3600)
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
-        publishing.check_at_init(str(mpdir))
+        fresh.ensure_started()
+    fresh.publish_and_stop()
     assert not [r for r in caplog.records if "earlier server run" in r.getMessage()]
 
 
@@ -483,3 +487,31 @@ def test_clear_removes_only_sigtraces_files(mpdir: Path) -> None:
     (mpdir / "counter_123.db").write_bytes(b"")  # prometheus-client's
     removed = mpd.clear(str(mpdir))
     assert len(removed) == 2 and files(mpdir) == {"counter_123.db"}
+
+
+def test_the_cli_reads_a_directory_full_of_bad_entries(mpdir: Path) -> None:
+    from tests.servers import REPO, clean_env
+
+    good = MetricSet(CollectorRegistry())
+    for _ in range(5):
+        good.signal_sends.child("gunicorn-signup").inc()  # a signal the CLI's app knows
+    write_as(mpdir, os.getpid(), good)
+    _entry(mpdir).write_text('{"format": 2, "families": 7}')
+    (mpdir / mpd.ARCHIVE_NAME).write_text("{corrupt")
+    _entry(mpdir).mkdir()
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "flask", "--app", "tests.apps.gunicorn_app:app"),
+            *("sigtrace", "signals", "--json"),
+        ],
+        cwd=REPO,
+        env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(mpdir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    signals = {s["name"]: s for s in json.loads(done.stdout)["signals"]}
+    assert signals["gunicorn-signup"]["sends"] == 5
+    assert "invalid_document" in done.stderr and "Traceback" not in done.stderr
