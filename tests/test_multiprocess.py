@@ -323,5 +323,3 @@ def test_a_forked_child_publishes_only_its_own_values(mpdir: Path, metrics: Metr
     assert totals(mpdir)[SENDS] == 7
     publisher.publish()
     assert totals(mpdir)[SENDS] == 7
-
-
