@@ -448,11 +448,11 @@ def _archive_locked(path: str) -> int:
     try:
         archive = _load(path, ARCHIVE_NAME, owners, "archive")
     except FileNotFoundError:
-        archive = fmt.Totals().archive([], 0)
+        archive = fmt.document("archive", None, [])
     except _Skipped as skipped:
         report(f"archive_{skipped.reason}", os.path.join(path, ARCHIVE_NAME), skipped)
         _set_aside(path, ARCHIVE_NAME)
-        archive = fmt.Totals().archive([], 0)
+        archive = fmt.document("archive", None, [])
     archived_before = set(archive["archived"])
     totals = fmt.Totals()
     totals.add(archive)

@@ -75,6 +75,7 @@ __all__ = [
     "Totals",
     "encode",
     "parse",
+    "document",
     "process_document",
     "run_id",
     "values_in",
@@ -133,6 +134,25 @@ def run_id() -> int:
     return os.getpgrp()
 
 
+def document(
+    kind: t.Literal["process", "archive"],
+    pid: int | None,
+    families: list[Family],
+    generation: int = 0,
+    archived: list[str] | None = None,
+) -> Document:
+    """A document of this server run."""
+    return Document(
+        format=FORMAT_VERSION,
+        kind=kind,
+        pid=pid,
+        run=run_id(),
+        generation=generation,
+        archived=archived or [],
+        families=families,
+    )
+
+
 def process_document(metrics: MetricSet, pid: int) -> Document:
     """The values of process ``pid`` (tallied first; families with data only)."""
     families: list[Family] = []
@@ -174,15 +194,7 @@ def process_document(metrics: MetricSet, pid: int) -> Document:
                     series=series,
                 )
             )
-    return Document(
-        format=FORMAT_VERSION,
-        kind="process",
-        pid=pid,
-        run=run_id(),
-        generation=0,
-        archived=[],
-        families=families,
-    )
+    return document("process", pid, families)
 
 
 def encode(document: Document) -> bytes:
@@ -402,15 +414,7 @@ class Totals:
                     series=series,
                 )
             )
-        return Document(
-            format=FORMAT_VERSION,
-            kind="archive",
-            pid=None,
-            run=run_id(),
-            generation=generation,
-            archived=sorted(archived),
-            families=families,
-        )
+        return document("archive", None, families, generation, sorted(archived))
 
     def metric_families(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         """Prometheus families; histograms without observations are left out."""

@@ -126,15 +126,7 @@ class Publisher:
         self.name = f"sigtrace-{self._pid}-{secrets.token_hex(6)}.json"  # this process's file
         self.published = False
         self.unpublished = 0.0  # values the last failed publish could not write
-        self._last = fmt.Document(
-            format=fmt.FORMAT_VERSION,
-            kind="process",
-            pid=self._pid,
-            run=fmt.run_id(),
-            generation=0,
-            archived=[],
-            families=[],
-        )
+        self._last = fmt.document("process", self._pid, [])
         self._lock = threading.Lock()
         self._started = False
         self._stop = threading.Event()

@@ -15,7 +15,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -330,19 +329,18 @@ def test_a_directory_that_cannot_come_back_serves_this_process_from_memory(
         publisher.publish_and_stop()
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+def fill(directory: Path) -> Path:
+    """Fill the disk ``directory`` is on; the filler file, to remove."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 65536):
+            pass
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
 
 
 @as_root
@@ -357,15 +355,7 @@ def test_a_full_disk_keeps_values_in_memory_and_logs_what_an_exit_loses(
     assert publisher is not None
     record(metrics, 3)
     assert publisher.publish()
-    filler = small_tmpfs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # fill the disk
-        while os.write(fd, b"\0" * 65536):
-            pass
-    except OSError as error:
-        assert error.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+    filler = fill(small_tmpfs)
     record(metrics, 7)
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
         assert not publisher.publish()

@@ -41,6 +41,7 @@ from tests.servers import (
     start_gunicorn,
 )
 from tests.test_multiprocess import dead_pid
+from tests.test_multiprocess_faults import fill
 
 pytest.importorskip("gunicorn", reason="gunicorn is a dev dependency: pip install -e '.[dev]'")
 if sys.platform == "win32":  # pragma: no cover
@@ -240,17 +241,6 @@ class hold_lock:
         self.proc.wait(30)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "prometheus"
-    mount.mkdir(mode=0o700)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)], check=True
-    )
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 @as_root
 def test_disk_full_and_read_only_under_load(
     tmp_path: Path, small_tmpfs: Path, servers: list[Server]
@@ -266,15 +256,7 @@ def test_disk_full_and_read_only_under_load(
     servers.append(gunicorn)
     load = Load(gunicorn)
     load.wait_for(50)
-    filler = small_tmpfs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 65536):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    filler = fill(small_tmpfs)
     start = load.answered
     load.wait_for(start + 100)
     samples = scrape_ok(gunicorn)
@@ -315,14 +297,12 @@ def test_a_new_run_starts_from_zero(tmp_path: Path, servers: list[Server]) -> No
     second.wait_for_totals(5)  # not 25
 
 
-def test_a_directory_others_can_write_is_refused_at_start(tmp_path: Path) -> None:
-    directory = tmp_path / "prometheus"
-    directory.mkdir()
-    directory.chmod(0o1777)  # docker-compose's former tmpfs mode
-    conf = tmp_path / "gunicorn.conf.py"
-    conf.write_text(GUNICORN_CONF + "workers = 1\n")
+def refused_start(tmp_path: Path, directory: Path, conf: str = "") -> str:
+    """gunicorn's output when it refuses to start on ``directory``."""
+    conf_path = tmp_path / "gunicorn.conf.py"
+    conf_path.write_text(GUNICORN_CONF + "workers = 1\n" + conf)
     done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", str(conf), "tests.apps.gunicorn_app:app"],
+        [sys.executable, "-m", "gunicorn", "-c", str(conf_path), "tests.apps.gunicorn_app:app"],
         env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(directory)),
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
@@ -331,9 +311,17 @@ def test_a_directory_others_can_write_is_refused_at_start(tmp_path: Path) -> Non
         check=False,
     )
     assert done.returncode != 0
-    assert "writable by other users" in done.stderr and "mode 1777" in done.stderr
-    assert "chmod 0700" in done.stderr
     assert "Booting worker" not in done.stderr
+    return done.stderr
+
+
+def test_a_directory_others_can_write_is_refused_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    directory.chmod(0o1777)  # docker-compose's former tmpfs mode
+    stderr = refused_start(tmp_path, directory)
+    assert "writable by other users" in stderr and "mode 1777" in stderr
+    assert "chmod 0700" in stderr
 
 
 @pytest.fixture
@@ -387,16 +375,5 @@ def test_workers_of_another_user_than_the_directory_s_are_refused_at_start(
     tmp_path: Path, nobody_dir: Path
 ) -> None:
     os.chown(nobody_dir, 0, 0)  # root's: the nobody workers could not write
-    conf = tmp_path / "gunicorn.conf.py"
-    conf.write_text(GUNICORN_CONF + "workers = 1\nuser = 'nobody'\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", str(conf), "tests.apps.gunicorn_app:app"],
-        env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(nobody_dir)),
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode != 0
-    assert f"workers run as uid {NOBODY}" in done.stderr and "chown" in done.stderr
+    stderr = refused_start(tmp_path, nobody_dir, "user = 'nobody'\n")
+    assert f"workers run as uid {NOBODY}" in stderr and "chown" in stderr
