@@ -132,6 +132,7 @@ class Publisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._due = 0.0  # threadless mode: next publish at a request's end
+        self._loss_logged = False
 
     # -- the request hooks: cheap when nothing is to be done
 
@@ -234,7 +235,8 @@ class Publisher:
         Logs how many values are lost when they cannot be written.
         """
         self._stop.set()
-        if not self.publish() and self.unpublished:
+        if not self.publish() and self.unpublished and not self._loss_logged:
+            self._loss_logged = True  # worker_exit, then atexit: said once
             log.warning(
                 "sigtrace: this process (pid %d) exits without writing its last metrics "
                 "to %s: %d recorded values are lost",

@@ -79,3 +79,23 @@ def test_files_of_an_earlier_run_are_named_in_a_startup_warning(
     (warning,) = second.wait_for_log(r"holds \d+ file\(s\) of an earlier server run \(([^)]*)\)")
     assert set(warning.group(1).split(", ")) <= set(left)
     assert "Empty the directory before each start" in warning.string
+
+
+def test_bad_entries_and_a_corrupt_archive_are_skipped(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    from tests.test_multiprocess import dead_pid
+    from tests.test_multiprocess_server_faults import error_count, plant_bad_entries
+
+    uwsgi = start_uwsgi(tmp_path, "--processes", "2", "--threads", "2")
+    servers.append(uwsgi)
+    (uwsgi.prometheus_dir / mpd.ARCHIVE_NAME).write_text("{corrupt")
+    plant_bad_entries(uwsgi.prometheus_dir, uwsgi.proc.pid)  # "alive": read at every scrape
+    plant_bad_entries(uwsgi.prometheus_dir, dead_pid())  # set aside by a scrape's archiving
+    uwsgi.load(60, threads=4)
+    uwsgi.wait_for_totals(60)
+    samples = uwsgi.scrape()
+    assert error_count(samples, "invalid_json") >= 1 and error_count(samples, "not_regular") >= 1
+    assert any(".corrupt-" in name for name in uwsgi.files())
+    uwsgi.stop(signal.SIGTERM)
+    assert uwsgi.directory_totals() == [60] * len(TOTALS)
