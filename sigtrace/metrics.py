@@ -14,8 +14,8 @@ by one daemon thread per process, which bounds the memory they take. Tallying
 sorts the batch and bisects it once per bucket bound.
 
 Values are the same in every deployment. Under a multi-process server each
-process keeps its own, and :mod:`sigtrace.multiprocess` publishes and merges
-them (see docs/ARCHITECTURE.md).
+process keeps its own, :mod:`sigtrace.multiprocess_publisher` publishes them and
+:mod:`sigtrace.multiprocess_directory` merges them (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
