@@ -20,11 +20,12 @@ directory must be owned by this process's user or root and be writable by no
 one else, like OpenSSH's StrictModes. A root process (a master whose workers
 run as another user) accepts a private directory of another user, whose files
 it then hands to that user; gunicorn's ``on_starting`` hook checks that the
-owner is the workers' user (:func:`trust_owner`). ``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR``
-accepts any directory, at the risk that a local user who can write there
-forges, deletes or reads the metrics. A reader opens entries with
-``O_NOFOLLOW | O_NONBLOCK`` and reads only regular files owned by root, this
-process's user or the directory's owner.
+owner is the workers' user (:func:`trust_owner`). A reader opens entries
+with ``O_NOFOLLOW | O_NONBLOCK`` and reads only regular files owned by root,
+this process's user or the directory's owner.
+``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR`` accepts any directory and reads
+every user's files there (:func:`share`), at the risk that a local user who
+can write there forges, deletes or reads the metrics.
 
 **Archiving.** The files of processes that no longer exist (``kill(pid, 0)``)
 are added into the archive, so after a thousand worker restarts the directory
@@ -71,7 +72,7 @@ import tempfile
 import threading
 import time
 import typing as t
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -183,6 +184,16 @@ def trust_owner(uid: int) -> None:
     _trusted_uids.add(uid)
 
 
+class _AnyOwner:
+    """The owners accepted in a directory shared on purpose: anyone."""
+
+    def __contains__(self, uid: object) -> bool:
+        return True
+
+
+_shared_paths: set[str] = set()  # accepted with SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR
+
+
 def _allowed_owners(directory_uid: int | None = None) -> set[int]:
     owners = {0, os.geteuid(), *_trusted_uids}
     if directory_uid is not None:
@@ -240,8 +251,15 @@ def check_directory(path: str, *, allow_shared: bool = False) -> None:
     from .config import ConfigError
 
     problem = directory_problem(path, allow_shared=allow_shared)
+    if allow_shared:
+        share(path)
     if problem is not None:
         raise ConfigError(problem)
+
+
+def share(path: str) -> None:
+    """Read files of any owner in ``path`` (``SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR``)."""
+    _shared_paths.add(path)
 
 
 def _directory_owner(path: str) -> tuple[int, int] | None:
@@ -311,7 +329,7 @@ def _open_lock(path: str, *, exclusive: bool) -> int:
             if owner is not None:
                 os.fchown(fd, *owner)
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid not in _allowed_owners(os.stat(path).st_uid):
+    if not stat.S_ISREG(info.st_mode) or info.st_uid not in _owners(path):
         os.close(fd)
         raise OSError(errno.EPERM, "not a regular file of the server's users", lock_path)
     return fd
@@ -353,7 +371,7 @@ class _Skipped(Exception):
         self.reason = reason
 
 
-def _read_entry(path: str, name: str, owners: set[int]) -> bytes:
+def _read_entry(path: str, name: str, owners: Container[int]) -> bytes:
     """The bytes of ``path/name``; :class:`_Skipped` when it must not be read."""
     try:
         fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -381,7 +399,7 @@ def _read_entry(path: str, name: str, owners: set[int]) -> bytes:
 
 
 def _load(
-    path: str, name: str, owners: set[int], kind: t.Literal["process", "archive"]
+    path: str, name: str, owners: Container[int], kind: t.Literal["process", "archive"]
 ) -> fmt.Document:
     try:
         return fmt.parse(_read_entry(path, name, owners), kind)
@@ -416,7 +434,11 @@ def _set_aside(path: str, name: str) -> None:
         os.rename(os.path.join(path, name), os.path.join(path, aside))
 
 
-def _owners(path: str) -> set[int]:
+def _owners(path: str) -> Container[int]:
+    """Whose files are read in ``path``: root, this process's user, the
+    directory's owner, gunicorn's workers' user; anyone's in a shared one."""
+    if path in _shared_paths:
+        return _AnyOwner()
     return _allowed_owners(os.stat(path).st_uid)
 
 
@@ -525,7 +547,7 @@ class Reader:
         except FileNotFoundError:  # no lock file: no archiver ran after all
             return self._read_once(skip)
 
-    def _archive(self, owners: set[int], *, first: bool) -> fmt.Document | None:
+    def _archive(self, owners: Container[int], *, first: bool) -> fmt.Document | None:
         try:
             return _load(self.path, ARCHIVE_NAME, owners, "archive")
         except FileNotFoundError:

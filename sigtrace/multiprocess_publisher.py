@@ -277,6 +277,8 @@ def check_at_init(path: str, allow_shared: bool = False) -> None:
     problem is a run-time fault instead: counted and warned about, and the
     worker boots.
     """
+    if allow_shared:
+        mpdir.share(path)
     problem = mpdir.directory_problem(path, allow_shared=allow_shared)
     if problem is None:
         return

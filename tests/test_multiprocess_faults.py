@@ -245,6 +245,19 @@ def test_another_users_file_is_not_read(mpdir: Path) -> None:
     assert samples[SENDS] == 5 and errors(samples, "foreign_owner") == 1
 
 
+@as_root
+def test_a_directory_shared_on_purpose_reads_every_users_files(mpdir: Path) -> None:
+    _good(mpdir)
+    other = MetricSet(CollectorRegistry(), buckets=(0.1,))
+    record(other, 2)
+    name = write_as(mpdir, os.getpid(), other)
+    os.chown(mpdir / name, NOBODY, -1)
+    mpdir.chmod(0o1777)
+    publishing.check_at_init(str(mpdir), allow_shared=True)
+    samples = scrape(mpdir)
+    assert samples[SENDS] == 7 and errors(samples, "foreign_owner") == 0
+
+
 def test_a_value_that_went_down_is_skipped(mpdir: Path) -> None:
     first = MetricSet(CollectorRegistry(), buckets=(0.1,))
     record(first, 9)
