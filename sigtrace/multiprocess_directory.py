@@ -90,7 +90,6 @@ __all__ = [
     "clear",
     "directory",
     "error_counts",
-    "read_totals",
     "report",
     "stale_files",
     "trust_owner",
@@ -613,11 +612,6 @@ def after_fork_in_child() -> None:
     """In a forked child: its own error counts, new readers (and their locks)."""
     _errors.after_fork_in_child()
     _readers.clear()
-
-
-def read_totals(path: str) -> fmt.Totals:
-    """The sum over the archive and every process file, each value counted once."""
-    return reader(path).read()
 
 
 class PublishedTotalsCollector(Collector):
