@@ -665,14 +665,39 @@ class PublishedTotalsCollector(Collector):
 # A new server run
 
 
+def _live_in_this_run(path: str, name: str, owners: Container[int]) -> bool:
+    """The file of another live process of this server run (a gunicorn USR2
+    upgrade's old workers share the directory and the process group)."""
+    match = _PROCESS_FILE.match(name)
+    if match is None:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid() or not _pid_alive(pid):
+        return False
+    try:
+        return _load(path, name, owners, "process")["run"] == fmt.run_id()
+    except (OSError, _Skipped):
+        return False
+
+
 def clear(path: str) -> list[str]:
-    """Remove sigtrace's own files (not prometheus-client's); the names removed."""
+    """Remove sigtrace's files of an earlier run (not prometheus-client's).
+
+    Files of live processes of this run are kept, and the archive and lock
+    with them. Returns the names removed.
+    """
+    owners = _owners(path)
+    names = sorted(os.listdir(path))
+    live = {name for name in names if _live_in_this_run(path, name, owners)}
+    ours = {ARCHIVE_NAME, LOCK_NAME} if not live else set()
     removed = []
-    for name in sorted(os.listdir(path)):
-        if name in (ARCHIVE_NAME, LOCK_NAME) or _PROCESS_FILE.match(name) or _TEMP_FILE.match(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(path, name))
-                removed.append(name)
+    for name in names:
+        dead = _PROCESS_FILE.match(name) or name in _dead_files([name])
+        if name in live or not (name in ours or dead):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+            removed.append(name)
     return removed
 
 

@@ -484,12 +484,34 @@ def test_files_of_an_earlier_run_are_named_in_a_startup_warning(
     assert not [r for r in caplog.records if "earlier server run" in r.getMessage()]
 
 
-def test_clear_removes_only_sigtraces_files(mpdir: Path) -> None:
-    _good(mpdir)
+def test_clear_removes_only_sigtraces_files_of_an_earlier_run(mpdir: Path) -> None:
+    _good(mpdir)  # under this process's pid: clear() runs in a new master
     (mpdir / mpd.LOCK_NAME).touch()
     (mpdir / "counter_123.db").write_bytes(b"")  # prometheus-client's
     removed = mpd.clear(str(mpdir))
     assert len(removed) == 2 and files(mpdir) == {"counter_123.db"}
+
+
+def test_clear_keeps_a_live_process_of_this_run_and_the_archive(mpdir: Path) -> None:
+    """A gunicorn USR2 upgrade: the new master starts beside the old workers."""
+    old_worker = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )  # same process group: same run
+    try:
+        live = MetricSet(CollectorRegistry(), buckets=(0.1,))
+        record(live, 3)
+        kept = write_as(mpdir, old_worker.pid, live)
+        dead = MetricSet(CollectorRegistry(), buckets=(0.1,))
+        record(dead, 4)
+        write_as(mpdir, dead_pid(), dead)
+        assert mpd.archive_dead(str(mpdir)) == 1
+        assert mpd.clear(str(mpdir)) == []
+        assert files(mpdir) == {kept, mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
+        assert scrape(mpdir)[SENDS] == 7
+    finally:
+        assert old_worker.stdin is not None
+        old_worker.stdin.close()
+        old_worker.wait(30)
 
 
 def test_the_cli_reads_a_directory_full_of_bad_entries(mpdir: Path) -> None:
