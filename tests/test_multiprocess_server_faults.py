@@ -180,10 +180,8 @@ def test_fault_matrix_under_load(tmp_path: Path, servers: list[Server]) -> None:
             samples = scrape_ok(gunicorn)
             answered = load.stop()
             gunicorn.wait_for_totals(answered)
-        samples = gunicorn.scrape()
-        assert error_count(samples, "lock_timeout") >= 1 or "lock_timeout" in "\n".join(
-            gunicorn.log
-        )
+        # The master's child_exit gave up on the lock (it warns; it respawned).
+        assert any("multiprocess lock_timeout" in line for line in gunicorn.log)
         gunicorn.wait_for_totals(answered)
         run_until(lambda: mpd.ARCHIVE_NAME in gunicorn.files(), "the dead worker archived")
         assert_private(directory)
@@ -354,9 +352,11 @@ def test_a_root_master_with_nobody_workers_under_umask_027(
         SIGTRACE_PUBLISH_INTERVAL=INTERVAL,
     )
     servers.append(gunicorn)
-    assert {os.stat(f"/proc/{pid}").st_uid for pid in worker_pids(gunicorn)} == {NOBODY}
-    n = 120
-    pids = gunicorn.load(n, threads=4)
+    asked = 4
+    served_by = {gunicorn.get("/signup/who")["pid"] for _ in range(asked)}
+    assert {os.stat(f"/proc/{pid}").st_uid for pid in served_by} == {NOBODY}
+    pids = gunicorn.load(120, threads=4)
+    n = asked + 120
     assert len(set(pids)) >= 4  # recycled: the root master archived dead workers
     gunicorn.wait_for_totals(n)
     samples = gunicorn.scrape()
