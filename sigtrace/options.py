@@ -29,7 +29,7 @@ class Options:
     :param exclude: signal-name patterns never recorded.
     :param record_kwargs: the send kwargs whose values go into signal spans.
     :param buckets: histogram bucket bounds, in seconds.
-    :param max_label_values: distinct values a label may take before folding.
+    :param max_label_values: distinct values a label may take; later ones are capped.
     """
 
     registry: t.Any = None

@@ -85,7 +85,7 @@ def test_preload_counts_the_master_s_import_once(tmp_path: Path, servers: list[S
     assert gunicorn.scrape()[BOOT_SENDS] == 1
 
 
-def test_max_requests_recycling_loses_nothing_and_folds(
+def test_max_requests_recycling_loses_nothing_and_archives(
     tmp_path: Path, servers: list[Server]
 ) -> None:
     gunicorn = start_gunicorn(tmp_path, conf="max_requests = 15\nmax_requests_jitter = 0\n")
@@ -94,7 +94,7 @@ def test_max_requests_recycling_loses_nothing_and_folds(
     pids = gunicorn.load(n, threads=4)
     assert len(set(pids)) >= 6  # about 10 workers served, one after another
     gunicorn.wait_for_totals(n)
-    # Dead workers' files were folded (child_exit, or a scrape): the archive,
+    # Dead workers' files were archived (child_exit, or a scrape): the archive,
     # the lock, and at most the two live workers' files remain.
     sigtrace_files = {f for f in gunicorn.files() if f.startswith("sigtrace")}
     assert {mpd.ARCHIVE_NAME, mpd.LOCK_NAME} <= sigtrace_files
@@ -123,7 +123,7 @@ def test_sigkill_of_a_worker_loses_at_most_one_interval(
     the total is at most the requests answered (plus the one cut off) and at
     least those answered minus the victim's answers of the last interval
     (0.5 s here) and two seconds of scheduling slack before the kill; the victim's
-    file is folded into the archive."""
+    file is added into the archive."""
     interval = 0.5
     gunicorn = start_gunicorn(tmp_path, SIGTRACE_PUBLISH_INTERVAL=str(interval))
     servers.append(gunicorn)

@@ -62,19 +62,21 @@ def record(
         histogram.observe(duration, {"trace_id": trace} if trace else None)
 
 
-def scrape(path: Path, *, fold: bool = True, openmetrics: bool = False) -> str:
+def scrape(path: Path, *, archive: bool = True, openmetrics: bool = False) -> str:
     registry = CollectorRegistry()
     registry.register(
         mpd.PublishedTotalsCollector(
-            str(path), archive=fold, before_read=publishing.publish_all if fold else None
+            str(path), archive=archive, before_read=publishing.publish_all if archive else None
         )
     )
     body = (generate_openmetrics if openmetrics else generate_latest)(registry)
     return body.decode()
 
 
-def totals(path: Path, fold: bool = True) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return samples_from_text(scrape(path, fold=fold))
+def totals(
+    path: Path, archive: bool = True
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return samples_from_text(scrape(path, archive=archive))
 
 
 SENDS = ("sigtrace_signal_sends_total", (("signal", SIGNAL),))
@@ -202,17 +204,17 @@ def test_dead_processes_are_archived_into_one_file(mpdir: Path) -> None:
         dead = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
         record(dead, 10, [0.5] * (i + 1), trace=f"dead{i}")
         write_as(mpdir, dead_pid(), dead)
-    before = totals(mpdir, fold=False)
+    before = totals(mpdir, archive=False)
     assert before[SENDS] == 31
     assert mpd.archive_dead(str(mpdir)) == 3
     assert files(mpdir) == {live_name, mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
-    assert totals(mpdir, fold=False) == before
-    assert mpd.archive_dead(str(mpdir)) == 0  # nothing left to fold
-    # Folding again later adds to the archive, and exemplars survive it.
+    assert totals(mpdir, archive=False) == before
+    assert mpd.archive_dead(str(mpdir)) == 0  # nothing left to archive
+    # Archiving again later adds to the archive, and exemplars survive it.
     dead = MetricSet(CollectorRegistry(), buckets=(0.1, 1.0))
     record(dead, 5)
     write_as(mpdir, dead_pid(), dead)
-    assert totals(mpdir)[SENDS] == 36  # a scrape folds too
+    assert totals(mpdir)[SENDS] == 36  # a scrape archives too
     assert files(mpdir) == {live_name, mpd.ARCHIVE_NAME, mpd.LOCK_NAME}
     text = scrape(mpdir, openmetrics=True)
     assert 'trace_id="dead2"' in text and 'trace_id="live"' in text
@@ -223,14 +225,14 @@ def test_an_archiving_pass_cut_short_counts_nothing_twice(mpdir: Path) -> None:
     record(dead, 7)
     name = write_as(mpdir, dead_pid(), dead)
     assert mpd.archive_dead(str(mpdir)) == 1
-    # As if the folder died after writing the archive, before deleting the file:
+    # As if the archiver died after writing the archive, before deleting the file:
     (mpdir / name).write_bytes(fmt.encode(fmt.process_document(dead, dead_pid())))
-    assert totals(mpdir, fold=False)[SENDS] == 7  # listed in the archive: skipped
+    assert totals(mpdir, archive=False)[SENDS] == 7  # listed in the archive: skipped
     assert mpd.archive_dead(str(mpdir)) == 0
-    assert name not in files(mpdir)  # and deleted by the next fold
+    assert name not in files(mpdir)  # and deleted by the next archiving pass
     assert totals(mpdir)[SENDS] == 7
     archive = json.loads((mpdir / mpd.ARCHIVE_NAME).read_text())
-    assert archive["archived"] == [name]  # pruned at the next fold that changes it
+    assert archive["archived"] == [name]  # pruned at the next pass that changes it
 
 
 def test_a_thousand_restarts_keep_the_directory_small_and_totals_exact(mpdir: Path) -> None:
@@ -240,7 +242,7 @@ def test_a_thousand_restarts_keep_the_directory_small_and_totals_exact(mpdir: Pa
     pid = dead_pid()
     for i in range(1000):
         (mpdir / f"sigtrace-{pid}-{i:08x}.json").write_bytes(document)
-        if i % 50 == 49:  # child_exit folds after each exit; here every 50
+        if i % 50 == 49:  # child_exit archives after each exit; here every 50
             mpd.archive_dead(str(mpdir))
     samples = totals(mpdir)
     assert samples[SENDS] == 1000 and samples[CALLS] == 1000
@@ -249,7 +251,7 @@ def test_a_thousand_restarts_keep_the_directory_small_and_totals_exact(mpdir: Pa
 
 
 def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> None:
-    """Readers race a folder and publishers: each value counted exactly once."""
+    """Readers race an archiver and publishers: each value counted exactly once."""
     pids = [dead_pid() for _ in range(4)]
     stop = threading.Event()
     seen: list[list[float]] = [[], [], []]
@@ -258,8 +260,8 @@ def test_totals_never_go_back_while_processes_publish_and_die(mpdir: Path) -> No
     def reader(index: int) -> None:
         try:
             while not stop.is_set():
-                # Two readers only read; one folds too, as a scrape does.
-                seen[index].append(totals(mpdir, fold=index == 2).get(SENDS, 0.0))
+                # Two readers only read; one archives too, as a scrape does.
+                seen[index].append(totals(mpdir, archive=index == 2).get(SENDS, 0.0))
         except BaseException as exc:
             errors.append(exc)
 
@@ -297,7 +299,7 @@ def test_a_reader_writes_nothing(mpdir: Path) -> None:
     dead = MetricSet(CollectorRegistry(), buckets=(0.1,))
     record(dead, 2)
     name = write_as(mpdir, dead_pid(), dead)
-    assert totals(mpdir, fold=False)[SENDS] == 2
+    assert totals(mpdir, archive=False)[SENDS] == 2
     assert files(mpdir) == {name}  # no lock file, no archive
 
 

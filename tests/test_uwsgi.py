@@ -45,7 +45,7 @@ def test_without_threads_reloaded_workers_lose_nothing(
 ) -> None:
     """No thread: values go out at requests' ends and at exit. Each worker is
     reloaded gracefully (SIGHUP to a worker: what uWSGI's own recycling
-    options do), the dead workers' files are folded by a scrape, and after a
+    options do), the dead workers' files are archived by a scrape, and after a
     graceful stop the directory holds exact totals."""
     uwsgi = start_uwsgi(tmp_path, "--processes", "2")
     servers.append(uwsgi)
@@ -56,7 +56,7 @@ def test_without_threads_reloaded_workers_lose_nothing(
     uwsgi.wait_for_log(r"Respawned uWSGI worker \d+", count=2)
     second = set(uwsgi.load(100, threads=4, prefix="after"))
     assert not second & first
-    uwsgi.scrape()  # folds the reloaded workers' files
+    uwsgi.scrape()  # archives the reloaded workers' files
     files = uwsgi.files()
     assert not any(f.startswith(f"sigtrace-{pid}-") for pid in first for f in files), files
     assert mpd.ARCHIVE_NAME in files
