@@ -20,9 +20,11 @@ in the parent (see :mod:`sigtrace.gunicorn`), and never shuts it down.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import socket
+import sys
 import threading
 import typing as t
 from collections.abc import Callable, Iterable
@@ -38,7 +40,9 @@ __all__ = [
     "ServerConflict",
     "bearer_token_matches",
     "exposition_registry",
+    "negotiate",
     "render",
+    "start_configured_server",
     "start_server",
     "stop_server",
 ]
@@ -62,9 +66,19 @@ def exposition_registry(registry: CollectorRegistry | None) -> CollectorRegistry
     return prometheus_client.REGISTRY if registry is None else registry
 
 
+def negotiate(accept: str | None) -> tuple[Callable[[t.Any], bytes], str]:
+    """prometheus-client's encoder and content type for an ``Accept`` header; the
+    Prometheus text format for one it cannot read (it raises on some malformed
+    ones, e.g. ``version=banana``), as for a format it does not know."""
+    try:
+        return choose_encoder(accept or "")
+    except Exception:
+        return choose_encoder("")
+
+
 def render(registry: CollectorRegistry | None, accept: str) -> tuple[bytes, str]:
     """The exposition body and its content type for an ``Accept`` header."""
-    encoder, content_type = choose_encoder(accept)
+    encoder, content_type = negotiate(accept)
     return encoder(exposition_registry(registry)), content_type
 
 
@@ -109,6 +123,10 @@ def _guarded_app(
             if not check(flask.Request(environ)):
                 start_response("403 Forbidden", [("Content-Type", "text/plain")])
                 return [b"forbidden\n"]
+        try:
+            choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        except Exception:  # unreadable: the text format, as on the route (negotiate)
+            environ["HTTP_ACCEPT"] = ""
         return t.cast(Iterable[bytes], serve(environ, start_response))
 
     return app
@@ -217,3 +235,51 @@ def stop_server(port: int, addr: str) -> None:
     running.server.shutdown()
     running.server.server_close()
     running.thread.join(_STOP_TIMEOUT)
+
+
+def start_configured_server(
+    port: int,
+    addr: str,
+    registry: CollectorRegistry | None,
+    *,
+    token: str | None = None,
+    check: Check | None = None,
+) -> int:
+    """:func:`start_server` for ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``:
+    a failure is a :class:`~sigtrace.config.ConfigError` that names the setting at
+    fault and a fix that applies where this process runs."""
+    from .config import ConfigError
+
+    try:
+        return start_server(port, addr, registry, token=token, check=check)
+    except ServerConflict as error:
+        raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
+    except OSError as error:
+        raise ConfigError(_bind_error(port, addr, error)) from error
+
+
+def _bind_error(port: int, addr: str, error: OSError) -> str:
+    where = f"cannot serve metrics on {addr}:{port} ({error})"
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"SIGTRACE_METRICS_ADDR={addr!r}: {where}: not an address of this host; set it "
+            "to 127.0.0.1 (this host only), or to an address of one of its interfaces "
+            "(0.0.0.0 for all of them, then with SIGTRACE_METRICS_TOKEN)"
+        )
+    if error.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: ports below 1024 need privileges; "
+            "choose a port of 1024 or more"
+        )
+    if error.errno == errno.EADDRINUSE and "gunicorn" in sys.modules:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: under gunicorn every worker would "
+            "bind it; serve it once from the master: add `from sigtrace.gunicorn import "
+            "when_ready` to gunicorn.conf.py and set PROMETHEUS_MULTIPROC_DIR"
+        )
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: another process listens there; "
+            "choose a free port"
+        )
+    return f"SIGTRACE_METRICS_PORT={port!r}, SIGTRACE_METRICS_ADDR={addr!r}: {where}"

@@ -20,7 +20,7 @@ import os
 import typing as t
 
 from . import multiprocess
-from .config import load_settings
+from .config import check_exposure, load_settings
 
 __all__ = ["child_exit", "when_ready", "worker_exit"]
 
@@ -74,9 +74,10 @@ def when_ready(server: t.Any) -> None:
             "without it each worker would need its own port"
         )
         return
-    from .exposition import start_server
+    from .exposition import start_configured_server
 
-    port = start_server(
+    check_exposure(settings, metrics_auth=False)
+    port = start_configured_server(
         settings.metrics_port, settings.metrics_addr, None, token=settings.metrics_token
     )
     server.log.info(

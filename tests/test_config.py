@@ -16,6 +16,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from sigtrace import ConfigError, SigTrace, tracing
+from sigtrace.config import check_environment
 from tests.otlp_receiver import PROTOCOLS
 from tests.test_export import exporting_app, request_trace
 
@@ -168,9 +169,12 @@ def test_a_bad_otel_sdk_disabled_is_named_and_the_sdk_stays_on(
 ) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "yes please")
     with caplog.at_level(logging.WARNING, logger="sigtrace"):
+        check_environment()
         assert tracing.sdk_disabled() is False
-    assert "OTEL_SDK_DISABLED='yes please' is invalid: expected one of 'true', 'false'" in (
-        caplog.text
-    )
+    assert (
+        "OTEL_SDK_DISABLED='yes please' is invalid: expected 'true' or 'false'; "
+        "using the default, false"
+    ) in caplog.text
+    assert caplog.text.count("OTEL_SDK_DISABLED") == 1
     monkeypatch.setenv("OTEL_SDK_DISABLED", " TRUE ")
     assert tracing.sdk_disabled() is True
