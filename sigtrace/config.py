@@ -389,6 +389,12 @@ def _headers(value: object) -> str:
     return str(value)
 
 
+def _resource_attributes(value: object) -> str:
+    if not all(_HEADER.fullmatch(part) for part in str(value).split(",") if part.strip()):
+        raise TypeError("comma-separated key=value pairs, values URL-encoded")
+    return str(value)
+
+
 def _readable_file(value: object) -> str:
     if not os.path.isfile(str(value)) or not os.access(str(value), os.R_OK):
         raise TypeError("the path of a readable PEM file")
@@ -471,6 +477,9 @@ OTEL_KEYS: dict[str, _Key] = {
     **_per_signal("CLIENT_KEY", _Key(_readable_file, None, "client key (PEM, mTLS)", "warn")),
     **_per_signal(
         "CLIENT_CERTIFICATE", _Key(_readable_file, None, "client certificate (PEM, mTLS)", "warn")
+    ),
+    "OTEL_RESOURCE_ATTRIBUTES": _Key(
+        _resource_attributes, "", "resource attributes of spans and OTLP metrics", "warn"
     ),
     "OTEL_BSP_SCHEDULE_DELAY": _Key(
         _number(float, 0, " ms"), 5000.0, "ms between two span exports", "warn"
