@@ -40,6 +40,7 @@ __all__ = [
     "check_exposure",
     "load_settings",
     "otel_value",
+    "otlp_insecure",
 ]
 
 log = logging.getLogger("sigtrace")
@@ -437,6 +438,9 @@ def _per_signal(suffix: str, key: _Key) -> dict[str, _Key]:
 
 _UNLIMITED = -1  # SpanLimits.UNSET: no limit on an attribute value's length
 
+BY_SCHEME = "by the endpoint's scheme (http:// without TLS)"
+"""The default of ``OTEL_EXPORTER_OTLP_[TRACES_]INSECURE``: no fixed value."""
+
 OTEL_KEYS: dict[str, _Key] = {
     "OTEL_SDK_DISABLED": _Key(_otel_bool, False, "no SDK set-up at all", "warn"),
     "OTEL_TRACES_EXPORTER": _Key(
@@ -469,7 +473,10 @@ OTEL_KEYS: dict[str, _Key] = {
             _seconds_not_milliseconds,
         ),
     ),
-    **_per_signal("INSECURE", _Key(_otel_bool, False, "gRPC without TLS", "warn")),
+    **_per_signal(
+        "INSECURE",
+        _Key(_otel_bool, BY_SCHEME, "gRPC without TLS (unset: by the endpoint's scheme)", "warn"),
+    ),
     **_per_signal("HEADERS", _Key(_headers, "", "OTLP request headers", "warn")),
     **_per_signal(
         "CERTIFICATE", _Key(_readable_file, None, "CA certificates (PEM) of the collector", "warn")
@@ -497,9 +504,8 @@ OTEL_KEYS: dict[str, _Key] = {
     "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": _Key(
         _number(int, 0, ""), _UNLIMITED, "characters per attribute value", "warn"
     ),
-    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": _Key(
-        _number(int, 0, ""), 128, "attributes per span", "warn"
-    ),
+    # an error, not a warning: the SDK reads it when imported, and cannot be imported with it
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": _Key(_number(int, 0, ""), 128, "attributes per span"),
     "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": _Key(
         _number(int, 0, ""), _UNLIMITED, "characters per span attribute value", "warn"
     ),
@@ -573,9 +579,25 @@ def first_otel_value(names: tuple[str, ...], environ: Mapping[str, str] | None =
     return OTEL_KEYS[names[-1]].default
 
 
+def otlp_insecure(signal: t.Literal["TRACES", "METRICS"], endpoint: str | None = None) -> bool:
+    """Whether the gRPC exporter of ``signal`` goes without TLS: the
+    ``OTEL_EXPORTER_OTLP_[<signal>_]INSECURE`` value when valid; else (unset or bad),
+    as the exporter decides when it is unset, by the scheme of ``endpoint`` or the
+    configured one (``http://`` without TLS). Passed to the exporter, which would
+    read a bad value as false and ignore the scheme."""
+    names = (f"OTEL_EXPORTER_OTLP_{signal}_", "OTEL_EXPORTER_OTLP_")
+    insecure = first_otel_value(tuple(name + "INSECURE" for name in names))
+    if isinstance(insecure, bool):
+        return insecure
+    target = endpoint or first_otel_value(tuple(name + "ENDPOINT" for name in names))
+    return urllib.parse.urlsplit(target or "http://localhost:4317").scheme == "http"
+
+
 def _default_shown(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if value == BY_SCHEME:
+        return BY_SCHEME
     if value == _UNLIMITED:
         return "no limit"
     if value in ((), None, ""):

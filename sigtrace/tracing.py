@@ -327,7 +327,7 @@ def _otlp_exporter(endpoint: str | None) -> t.Any:
     """The OTLP span exporter, given every setting sigtrace validated (a bad one was
     warned about by :func:`sigtrace.config.check_environment` and is the default here);
     headers and certificates the exporter reads itself."""
-    from .config import first_otel_value
+    from .config import first_otel_value, otlp_insecure
 
     def setting(suffix: str) -> t.Any:
         return first_otel_value(
@@ -342,6 +342,7 @@ def _otlp_exporter(endpoint: str | None) -> t.Any:
 
         if endpoint:
             options["endpoint"] = endpoint
+        options["insecure"] = otlp_insecure("TRACES", endpoint)
         # passed, not left to the exporter: it knows only gzip (and raises on "none")
         options["compression"] = {
             "gzip": Compression.Gzip,
