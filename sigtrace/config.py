@@ -380,20 +380,23 @@ def _unknown_metrics_exporters(value: object) -> str | None:
     return None
 
 
-# OTLP headers: comma-separated key=value, values URL-encoded (the SDK's own format)
-_HEADER = re.compile(r"\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+\s*=\s*[^,]*")
+# OTLP headers and resource attributes: comma-separated name=value, values URL-encoded
+# (the SDK's own format; it skips, with a warning of its own, a pair it cannot read)
+_PAIR = re.compile(r"\s*[A-Za-z0-9!#$%&'*+.^_`|~/-]+\s*=\s*[^,]*")
 
 
-def _headers(value: object) -> str:
-    if not all(_HEADER.fullmatch(part) for part in str(value).split(",")):
-        raise TypeError("comma-separated name=value pairs, values URL-encoded")
+def _pairs(value: object) -> str:
     return str(value)
 
 
-def _resource_attributes(value: object) -> str:
-    if not all(_HEADER.fullmatch(part) for part in str(value).split(",") if part.strip()):
-        raise TypeError("comma-separated key=value pairs, values URL-encoded")
-    return str(value)
+def _unreadable_pairs(value: object) -> str | None:
+    bad = [p for p in str(value).split(",") if p.strip() and not _PAIR.fullmatch(p)]
+    if bad:
+        return (
+            f"{', '.join(map(repr, bad))} is not name=value (values URL-encoded) and is "
+            "left out by the OpenTelemetry SDK"
+        )
+    return None
 
 
 def _readable_file(value: object) -> str:
@@ -477,16 +480,18 @@ OTEL_KEYS: dict[str, _Key] = {
         "INSECURE",
         _Key(_otel_bool, BY_SCHEME, "gRPC without TLS (unset: by the endpoint's scheme)", "warn"),
     ),
-    **_per_signal("HEADERS", _Key(_headers, "", "OTLP request headers", "warn")),
+    **_per_signal("HEADERS", _Key(_pairs, "", "OTLP request headers", "warn", _unreadable_pairs)),
+    # TLS files: an error, since the exporters would export without them (gRPC) or fail
+    # every export (HTTP), whatever sigtrace passes
     **_per_signal(
-        "CERTIFICATE", _Key(_readable_file, None, "CA certificates (PEM) of the collector", "warn")
+        "CERTIFICATE", _Key(_readable_file, None, "CA certificates (PEM) of the collector")
     ),
-    **_per_signal("CLIENT_KEY", _Key(_readable_file, None, "client key (PEM, mTLS)", "warn")),
+    **_per_signal("CLIENT_KEY", _Key(_readable_file, None, "client key (PEM, mTLS)")),
     **_per_signal(
-        "CLIENT_CERTIFICATE", _Key(_readable_file, None, "client certificate (PEM, mTLS)", "warn")
+        "CLIENT_CERTIFICATE", _Key(_readable_file, None, "client certificate (PEM, mTLS)")
     ),
     "OTEL_RESOURCE_ATTRIBUTES": _Key(
-        _resource_attributes, "", "resource attributes of spans and OTLP metrics", "warn"
+        _pairs, "", "resource attributes of spans and OTLP metrics", "warn", _unreadable_pairs
     ),
     "OTEL_BSP_SCHEDULE_DELAY": _Key(
         _number(float, 0, " ms"), 5000.0, "ms between two span exports", "warn"
