@@ -111,7 +111,7 @@ def documented_names() -> set[str]:
     sections = re.findall(r"^## Configuration\n.*?(?=^## )|^### Metrics over OTLP\n.*?(?=^## )",
                           text, re.MULTILINE | re.DOTALL)  # fmt: skip
     assert len(sections) == 2
-    names = set(re.findall(r"\b(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", "".join(sections)))
+    names = set(re.findall(r"(?<![.\w])(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", "".join(sections)))
     return names
 
 
