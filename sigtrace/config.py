@@ -439,6 +439,11 @@ def _per_signal(suffix: str, key: _Key) -> dict[str, _Key]:
     return {f"OTEL_EXPORTER_OTLP_{signal}{suffix}": key for signal in _OTLP_SIGNALS}
 
 
+def _count(minimum: int, default: int, doc: str) -> _Key:
+    """A whole number of at least ``minimum``; a bad one is warned about, ``default`` used."""
+    return _Key(_number(int, minimum, ""), default, doc, "warn")
+
+
 _UNLIMITED = -1  # SpanLimits.UNSET: no limit on an attribute value's length
 
 BY_SCHEME = "by the endpoint's scheme (http:// without TLS)"
@@ -499,29 +504,19 @@ OTEL_KEYS: dict[str, _Key] = {
     "OTEL_BSP_EXPORT_TIMEOUT": _Key(
         _number(float, 0, " ms"), 30000.0, "ms an export of spans may take", "warn"
     ),
-    "OTEL_BSP_MAX_QUEUE_SIZE": _Key(_number(int, 1, ""), 2048, "spans queued for export", "warn"),
-    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": _Key(
-        _number(int, 1, ""), 512, "spans per export (at most the queue size)", "warn"
-    ),
-    "OTEL_ATTRIBUTE_COUNT_LIMIT": _Key(
-        _number(int, 0, ""), 128, "attributes per span, event or link", "warn"
-    ),
-    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": _Key(
-        _number(int, 0, ""), _UNLIMITED, "characters per attribute value", "warn"
-    ),
+    "OTEL_BSP_MAX_QUEUE_SIZE": _count(1, 2048, "spans queued for export"),
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": _count(1, 512, "spans per export (at most the queue size)"),
+    "OTEL_ATTRIBUTE_COUNT_LIMIT": _count(0, 128, "attributes per span, event or link"),
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": _count(0, _UNLIMITED, "characters per attribute value"),
     # an error, not a warning: the SDK reads it when imported, and cannot be imported with it
     "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": _Key(_number(int, 0, ""), 128, "attributes per span"),
-    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": _Key(
-        _number(int, 0, ""), _UNLIMITED, "characters per span attribute value", "warn"
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": _count(
+        0, _UNLIMITED, "characters per span attribute value"
     ),
-    "OTEL_SPAN_EVENT_COUNT_LIMIT": _Key(_number(int, 0, ""), 128, "events per span", "warn"),
-    "OTEL_SPAN_LINK_COUNT_LIMIT": _Key(_number(int, 0, ""), 128, "links per span", "warn"),
-    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": _Key(
-        _number(int, 0, ""), 128, "attributes per span event", "warn"
-    ),
-    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": _Key(
-        _number(int, 0, ""), 128, "attributes per span link", "warn"
-    ),
+    "OTEL_SPAN_EVENT_COUNT_LIMIT": _count(0, 128, "events per span"),
+    "OTEL_SPAN_LINK_COUNT_LIMIT": _count(0, 128, "links per span"),
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": _count(0, 128, "attributes per span event"),
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": _count(0, 128, "attributes per span link"),
     "OTEL_METRIC_EXPORT_INTERVAL": _Key(
         _number(float, 1, " ms"), 60000.0, "ms between two metric exports (OTLP)"
     ),

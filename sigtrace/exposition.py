@@ -36,6 +36,9 @@ from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 
 from . import multiprocess
 
+if t.TYPE_CHECKING:
+    from .config import Settings
+
 __all__ = [
     "ServerConflict",
     "bearer_token_matches",
@@ -238,20 +241,17 @@ def stop_server(port: int, addr: str) -> None:
 
 
 def start_configured_server(
-    port: int,
-    addr: str,
-    registry: CollectorRegistry | None,
-    *,
-    token: str | None = None,
-    check: Check | None = None,
+    settings: Settings, registry: CollectorRegistry | None, check: Check | None = None
 ) -> int:
-    """:func:`start_server` for ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``:
-    a failure is a :class:`~sigtrace.config.ConfigError` that names the setting at
-    fault and a fix that applies where this process runs."""
+    """:func:`start_server` on ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``,
+    guarded by ``SIGTRACE_METRICS_TOKEN`` and ``check``: a failure is a
+    :class:`~sigtrace.config.ConfigError` that names the setting at fault and a
+    fix that applies where this process runs."""
     from .config import ConfigError
 
+    port, addr = t.cast(int, settings.metrics_port), settings.metrics_addr
     try:
-        return start_server(port, addr, registry, token=token, check=check)
+        return start_server(port, addr, registry, token=settings.metrics_token, check=check)
     except ServerConflict as error:
         raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
     except OSError as error:

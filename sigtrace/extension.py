@@ -375,13 +375,7 @@ class SigTrace:
             check_exposure(settings, self.metrics_auth is not None)
             from .exposition import start_configured_server
 
-            metrics_port = start_configured_server(
-                settings.metrics_port,
-                settings.metrics_addr,
-                self.registry,
-                token=settings.metrics_token,
-                check=self.metrics_auth,
-            )
+            metrics_port = start_configured_server(settings, self.registry, self.metrics_auth)
         instrumented = False
         try:
             dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))

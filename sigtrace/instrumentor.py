@@ -56,12 +56,7 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             from .exposition import start_configured_server
 
             check_exposure(settings, metrics_auth=False)
-            port = start_configured_server(
-                settings.metrics_port,
-                settings.metrics_addr,
-                kwargs.get("registry"),
-                token=settings.metrics_token,
-            )
+            port = start_configured_server(settings, kwargs.get("registry"))
             self._metrics_port, self._metrics_addr = port, settings.metrics_addr
         instrumented = False
         try:
