@@ -431,6 +431,23 @@ def _invalid_regexes(value: object) -> str | None:
     return None
 
 
+def _propagators(value: object) -> tuple[str, ...]:
+    """``OTEL_PROPAGATORS``: names of installed propagators (entry points of the
+    ``opentelemetry_propagator`` group), or ``none``. The OpenTelemetry API raises
+    on any other name when ``opentelemetry.propagate`` is imported."""
+    from importlib.metadata import entry_points
+
+    names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+    installed = {ep.name for ep in entry_points(group="opentelemetry_propagator")}
+    if any(n.lower() != "none" and n not in installed for n in names):
+        raise TypeError(
+            "names of installed propagators ("
+            + ", ".join(sorted(installed | {"none"}))
+            + "); others need their package installed"
+        )
+    return names
+
+
 _OTLP_SIGNALS = ("", "TRACES_", "METRICS_")
 """``OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}<X>``: the generic variable and its per-signal ones."""
 
@@ -453,6 +470,9 @@ OTEL_KEYS: dict[str, _Key] = {
     "OTEL_SDK_DISABLED": _Key(_otel_bool, False, "no SDK set-up at all", "warn"),
     "OTEL_TRACES_EXPORTER": _Key(
         _traces_exporters, (), "otlp, console, otlp,console or none (unset: by endpoint)"
+    ),
+    "OTEL_PROPAGATORS": _Key(
+        _propagators, ("tracecontext", "baggage"), "how trace context is read from requests"
     ),
     "OTEL_METRICS_EXPORTER": _Key(
         _metrics_exporters,

@@ -27,7 +27,7 @@ from time import perf_counter
 import flask
 from flask import signals as flask_signals
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
@@ -95,6 +95,11 @@ class _AppState:
         urls = first_otel_value(("OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS"))
         if urls:
             self.url_excluded = ExcludeList(list(urls)).url_disabled
+        # imported here, not with this module: with a bad OTEL_PROPAGATORS the import raises,
+        # and check_environment has said so as a ConfigError first
+        from opentelemetry import propagate
+
+        self.extract = propagate.extract
         self.durations: dict[tuple[str, str, str], t.Any] = {}
         self.metrics_port: int | None = None
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
@@ -176,7 +181,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
         return  # no tracing, or nested under the caller's span
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
         return  # opentelemetry-instrumentation-flask makes the server span
-    parent = propagate.extract(request.headers)
+    parent = state.extract(request.headers)
     route = rule.rule if rule is not None else None
     environ = request.environ
     attributes: dict[str, t.Any] = {

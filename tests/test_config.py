@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -346,3 +347,27 @@ def test_preload_with_the_token_in_app_config_is_a_config_error_in_when_ready(
         assert "SIGTRACE_METRICS_TOKEN" in message and "not in app.config" in message
     finally:
         ext.close()
+
+
+def test_an_unknown_propagator_is_a_config_error_not_an_import_error() -> None:
+    """OpenTelemetry's propagation API raises when imported with an unknown
+    OTEL_PROPAGATORS name; sigtrace imports it only after checking the name."""
+    code = (
+        "import flask, sigtrace\n"
+        "try:\n"
+        "    sigtrace.SigTrace(flask.Flask('p'))\n"
+        "except sigtrace.ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SIGTRACE_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "OTEL_PROPAGATORS": "tracecontext,b4"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OTEL_PROPAGATORS='tracecontext,b4' (from the environment)")
+    assert "installed propagators (baggage, " in result.stdout

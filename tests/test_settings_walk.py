@@ -62,6 +62,7 @@ BAD: dict[str, list[object]] = {
     "OTEL_PYTHON_FLASK_EXCLUDED_URLS": ["[", "ok,("],
     "OTEL_PYTHON_EXCLUDED_URLS": ["*health"],
     "OTEL_RESOURCE_ATTRIBUTES": ["team", "a=1,b"],
+    "OTEL_PROPAGATORS": ["banana", "tracecontext,b4"],
 }
 ANY_VALUE = {"OTEL_SERVICE_NAME"}  # documented, but any text is a valid service name
 for _signal in ("", "TRACES_", "METRICS_"):
