@@ -405,20 +405,24 @@ class SigTrace:
         metrics_port: int | None,
     ) -> None:
         """The rest of init_app, once blinker is patched (validated: nothing here is
-        expected to fail; init_app undoes the patch if it does)."""
+        expected to fail; init_app undoes the patch if it does). What cannot be
+        undone comes last: the SDK's global provider, then the app's route."""
         metrics = None
         if settings.metrics:
             metrics = dispatch.active_metrics() or metric_set(
                 self.registry, settings.buckets, settings.max_label_values
             )
-        if settings.tracing and self.tracer_provider is None:
-            _setup_exporter(app, settings, exporters)
-        _log_if_nothing_samples(settings, exporters, self.tracer_provider)
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         state.metrics_port = metrics_port
         if metrics is not None:
             state.publisher = multiprocess.attach(metrics, settings.publish_interval)
+            from . import otlp_metrics
+
+            otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
         _install_request_hooks()
+        if settings.tracing and self.tracer_provider is None:
+            _setup_exporter(app, settings, exporters)
+        _log_if_nothing_samples(settings, exporters, self.tracer_provider)
         if settings.metrics and settings.metrics_path:
             add_route(
                 app,
@@ -427,10 +431,6 @@ class SigTrace:
                 _METRICS_ENDPOINT,
                 self._metrics_view,
             )
-        if metrics is not None:
-            from . import otlp_metrics
-
-            otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
         from .cli import sigtrace_cli
 
         app.cli.add_command(sigtrace_cli)
