@@ -448,6 +448,25 @@ def _propagators(value: object) -> tuple[str, ...]:
     return names
 
 
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+def _otel_endpoint(value: object) -> str | None:
+    """An ``OTEL_EXPORTER_OTLP_*ENDPOINT``: a URL as for ``SIGTRACE_OTLP_ENDPOINT``, or
+    ``host:port`` without a scheme, which the gRPC exporter takes too (TLS then
+    follows ``…_INSECURE``)."""
+    try:
+        return _endpoint(value)
+    except TypeError:
+        found = _HOST_PORT.fullmatch(str(value).strip())
+        if found is None or int(found.group(1)) > 65535:
+            raise TypeError(
+                "an absolute http:// or https:// URL with a host, e.g. "
+                "http://localhost:4317 (or host:port for gRPC)"
+            ) from None
+        return str(value).strip()
+
+
 _OTLP_SIGNALS = ("", "TRACES_", "METRICS_")
 """``OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}<X>``: the generic variable and its per-signal ones."""
 
@@ -481,7 +500,7 @@ OTEL_KEYS: dict[str, _Key] = {
         "warn",
         _unknown_metrics_exporters,
     ),
-    **_per_signal("ENDPOINT", _Key(_endpoint, None, "OTLP endpoint URL")),
+    **_per_signal("ENDPOINT", _Key(_otel_endpoint, None, "OTLP endpoint URL (gRPC: host:port)")),
     **_per_signal(
         "PROTOCOL", _Key(_choice("grpc", "http/protobuf"), "grpc", "OTLP protocol", "warn")
     ),

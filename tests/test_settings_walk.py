@@ -69,7 +69,7 @@ for _signal in ("", "TRACES_", "METRICS_"):
     _prefix = f"OTEL_EXPORTER_OTLP_{_signal}"
     BAD.update(
         {
-            f"{_prefix}ENDPOINT": ["not a url", "localhost:4317"],
+            f"{_prefix}ENDPOINT": ["not a url", "ftp://collector", "localhost:99999"],
             f"{_prefix}PROTOCOL": ["http/json"],
             f"{_prefix}COMPRESSION": ["brotli"],
             f"{_prefix}TIMEOUT": ["abc", "10000", "0"],
