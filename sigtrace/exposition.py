@@ -241,12 +241,17 @@ def stop_server(port: int, addr: str) -> None:
 
 
 def start_configured_server(
-    settings: Settings, registry: CollectorRegistry | None, check: Check | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    check: Check | None = None,
+    *,
+    gunicorn_master: bool = False,
 ) -> int:
     """:func:`start_server` on ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``,
     guarded by ``SIGTRACE_METRICS_TOKEN`` and ``check``: a failure is a
     :class:`~sigtrace.config.ConfigError` that names the setting at fault and a
-    fix that applies where this process runs."""
+    fix that applies where this process runs (a gunicorn worker is told to serve
+    it from the master; ``gunicorn_master``: this is the master)."""
     from .config import ConfigError
 
     port, addr = t.cast(int, settings.metrics_port), settings.metrics_addr
@@ -255,10 +260,11 @@ def start_configured_server(
     except ServerConflict as error:
         raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
     except OSError as error:
-        raise ConfigError(_bind_error(port, addr, error)) from error
+        in_worker = "gunicorn" in sys.modules and not gunicorn_master
+        raise ConfigError(_bind_error(port, addr, error, in_worker)) from error
 
 
-def _bind_error(port: int, addr: str, error: OSError) -> str:
+def _bind_error(port: int, addr: str, error: OSError, gunicorn_worker: bool) -> str:
     where = f"cannot serve metrics on {addr}:{port} ({error})"
     if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
         return (
@@ -271,7 +277,7 @@ def _bind_error(port: int, addr: str, error: OSError) -> str:
             f"SIGTRACE_METRICS_PORT={port!r}: {where}: ports below 1024 need privileges; "
             "choose a port of 1024 or more"
         )
-    if error.errno == errno.EADDRINUSE and "gunicorn" in sys.modules:
+    if error.errno == errno.EADDRINUSE and gunicorn_worker:
         return (
             f"SIGTRACE_METRICS_PORT={port!r}: {where}: under gunicorn every worker would "
             "bind it; serve it once from the master: add `from sigtrace.gunicorn import "

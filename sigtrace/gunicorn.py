@@ -77,7 +77,7 @@ def when_ready(server: t.Any) -> None:
     from .exposition import start_configured_server
 
     check_exposure(settings, metrics_auth=False)
-    port = start_configured_server(settings, None)
+    port = start_configured_server(settings, None, gunicorn_master=True)
     server.log.info(
         "sigtrace: serving all workers' metrics on http://%s:%d/metrics",
         settings.metrics_addr,

@@ -371,3 +371,20 @@ def test_an_unknown_propagator_is_a_config_error_not_an_import_error() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OTEL_PROPAGATORS='tracecontext,b4' (from the environment)")
     assert "installed propagators (baggage, " in result.stdout
+
+
+def test_a_busy_port_in_the_gunicorn_master_is_a_config_error_without_the_worker_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, busy_port: int
+) -> None:
+    monkeypatch.setitem(sys.modules, "gunicorn", types.ModuleType("gunicorn"))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("SIGTRACE_METRICS_PORT", str(busy_port))
+
+    class Master:
+        log = logging.getLogger("gunicorn.test")
+
+    with pytest.raises(ConfigError) as raised:
+        gunicorn.when_ready(Master())
+    message = str(raised.value)
+    assert message.startswith(f"SIGTRACE_METRICS_PORT={busy_port}: cannot serve metrics")
+    assert "another process listens there" in message and "when_ready" not in message
