@@ -38,9 +38,11 @@ __all__ = [
     "Settings",
     "check_environment",
     "check_exposure",
+    "first_otel_value",
     "load_settings",
     "otel_value",
     "otlp_insecure",
+    "otlp_metrics_requested",
 ]
 
 log = logging.getLogger("sigtrace")
@@ -405,29 +407,30 @@ def _readable_file(value: object) -> str:
     return str(value)
 
 
-def _regexes(value: object) -> tuple[str, ...]:
-    """OTel's excluded-URL list: comma-separated regular expressions; invalid ones
-    are left out (and named by :func:`_invalid_regexes`)."""
-    valid = []
-    for part in (p.strip() for p in str(value).split(",")):
-        try:
-            re.compile(part)
-        except re.error:
-            continue
-        if part:
-            valid.append(part)
-    return tuple(valid)
-
-
-def _invalid_regexes(value: object) -> str | None:
-    bad = []
+def _compiled(value: object) -> tuple[list[str], list[str]]:
+    """OTel's excluded-URL list (comma-separated regular expressions) split into the
+    valid entries and the invalid ones, each with the reason."""
+    valid, invalid = [], []
     for part in (p.strip() for p in str(value).split(",")):
         try:
             re.compile(part)
         except re.error as error:
-            bad.append(f"{part!r} ({error})")
-    if bad:
-        return f"{', '.join(bad)} is not a valid regular expression and is ignored"
+            invalid.append(f"{part!r} ({error})")
+            continue
+        if part:
+            valid.append(part)
+    return valid, invalid
+
+
+def _regexes(value: object) -> tuple[str, ...]:
+    """The valid regular expressions: an invalid one is left out (and warned about)."""
+    return tuple(_compiled(value)[0])
+
+
+def _invalid_regexes(value: object) -> str | None:
+    invalid = _compiled(value)[1]
+    if invalid:
+        return f"{', '.join(invalid)} is not a valid regular expression and is ignored"
     return None
 
 
