@@ -20,11 +20,13 @@ from pathlib import Path
 import blinker
 import pytest
 from flask import Flask
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import sigtrace
 from sigtrace import ConfigError, SigTrace, dispatch, exposition, otlp_metrics, tracing
-from sigtrace.config import KEYS, OTEL_KEYS
+from sigtrace.config import KEYS, OTEL_KEYS, check_environment
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ORIGINAL_SEND = blinker.Signal.send
@@ -228,3 +230,18 @@ def test_a_failure_after_the_server_started_stops_it_and_unpatches(
     assert "sigtrace" not in app.extensions and "sigtrace_metrics" not in app.view_functions
     sigtrace.uninstrument()
     assert blinker.Signal.send is ORIGINAL_SEND
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    name=st.sampled_from(sorted(OTEL_KEYS)),
+    value=st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00")),
+)
+def test_any_otel_value_is_accepted_warned_about_or_a_config_error_naming_it(
+    name: str, value: str
+) -> None:
+    environ = {"OTEL_METRICS_EXPORTER": "otlp", name: value}  # metrics variables checked too
+    try:
+        check_environment(environ)
+    except ConfigError as error:
+        assert str(error).startswith(f"{name}="), str(error)
