@@ -325,24 +325,35 @@ def test_an_address_of_no_interface_names_the_address(registry: CollectorRegistr
     assert not dispatch.is_instrumented()
 
 
+class Master:
+    """What sigtrace.gunicorn.when_ready uses of gunicorn's arbiter."""
+
+    log = logging.getLogger("gunicorn.test")
+
+
+def master_environment(monkeypatch: pytest.MonkeyPatch, directory: Path, port: int) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    monkeypatch.setenv("SIGTRACE_METRICS_PORT", str(port))
+
+
+def when_ready_refuses() -> str:
+    """The ConfigError message of gunicorn's when_ready hook in the master."""
+    with pytest.raises(ConfigError) as raised:
+        gunicorn.when_ready(Master())
+    return str(raised.value)
+
+
 def test_preload_with_the_token_in_app_config_is_a_config_error_in_when_ready(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """gunicorn --preload imports the app in the master: its server guards with the
     app.config token, and when_ready (reading the environment) cannot reuse it."""
     port = free_port()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    monkeypatch.setenv("SIGTRACE_METRICS_PORT", str(port))
     monkeypatch.delenv("SIGTRACE_METRICS_TOKEN", raising=False)
+    master_environment(monkeypatch, tmp_path, port)
     _, ext = init(registry, SIGTRACE_METRICS_TOKEN="from-app-config")
     try:
-
-        class Master:
-            log = logging.getLogger("gunicorn.test")
-
-        with pytest.raises(ConfigError) as raised:
-            gunicorn.when_ready(Master())
-        message = str(raised.value)
+        message = when_ready_refuses()
         assert message.startswith(f"SIGTRACE_METRICS_PORT={port}:")
         assert "SIGTRACE_METRICS_TOKEN" in message and "not in app.config" in message
     finally:
@@ -377,14 +388,7 @@ def test_a_busy_port_in_the_gunicorn_master_is_a_config_error_without_the_worker
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, busy_port: int
 ) -> None:
     monkeypatch.setitem(sys.modules, "gunicorn", types.ModuleType("gunicorn"))
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    monkeypatch.setenv("SIGTRACE_METRICS_PORT", str(busy_port))
-
-    class Master:
-        log = logging.getLogger("gunicorn.test")
-
-    with pytest.raises(ConfigError) as raised:
-        gunicorn.when_ready(Master())
-    message = str(raised.value)
+    master_environment(monkeypatch, tmp_path, busy_port)
+    message = when_ready_refuses()
     assert message.startswith(f"SIGTRACE_METRICS_PORT={busy_port}: cannot serve metrics")
     assert "another process listens there" in message and "when_ready" not in message
