@@ -175,7 +175,8 @@ def render_receivers(rows: t.Sequence[ReceiverStats], now: float | None = None) 
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     width = max([len("receiver"), *(len(r.receiver) for r in rows)])
     lines = [
-        f"── slowest receivers at {stamp} (since start; p50/p99 from histogram buckets) ──",
+        f"── slowest receivers at {stamp} "
+        "(since start; p50/p99 estimated from histogram buckets) ──",
         f"{'receiver':<{width}}  {'calls':>6}  {'p50':>9}  {'p99':>9}  {'errors':>6}",
     ]
     for r in rows:

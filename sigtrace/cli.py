@@ -250,11 +250,27 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.2f}s"
 
 
+QUANTILE_FOOTNOTE = (
+    "* estimated from the histogram buckets (interpolated inside a bucket, as "
+    "Prometheus' histogram_quantile does), not measured"
+)
+
+
 def render_table(rows: list[SignalRow], metrics: bool) -> str:
     """One aligned line per receiver (one per signal without receivers)."""
     header = ["SIGNAL", "RECEIVER", "REF", "SENDERS"]
     if metrics:
-        header = ["SIGNAL", "SENDS", "RECEIVER", "REF", "SENDERS", "CALLS", "P50", "P99", "ERRORS"]
+        header = [
+            "SIGNAL",
+            "SENDS",
+            "RECEIVER",
+            "REF",
+            "SENDERS",
+            "CALLS",
+            "P50*",
+            "P99*",
+            "ERRORS",
+        ]
     lines: list[list[str]] = [header]
     for signal in rows:
         receivers: list[ReceiverRow | None] = [*signal.receivers] or [None]
@@ -274,7 +290,7 @@ def render_table(rows: list[SignalRow], metrics: bool) -> str:
                         str(receiver.errors),
                     ]
             lines.append(line)
-    numeric = {"SENDS", "CALLS", "P50", "P99", "ERRORS"}
+    numeric = {"SENDS", "CALLS", "P50*", "P99*", "ERRORS"}
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for line in lines:
@@ -283,6 +299,8 @@ def render_table(rows: list[SignalRow], metrics: bool) -> str:
             for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         out.append("  ".join(cells).rstrip())
+    if metrics:
+        out.append(QUANTILE_FOOTNOTE)
     return "\n".join(out)
 
 

@@ -20,9 +20,11 @@ in the parent (see :mod:`sigtrace.gunicorn`), and never shuts it down.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import socket
+import sys
 import threading
 import typing as t
 from collections.abc import Callable, Iterable
@@ -35,11 +37,16 @@ from prometheus_client.registry import Collector
 
 from . import multiprocess_directory, multiprocess_publisher
 
+if t.TYPE_CHECKING:
+    from .config import Settings
+
 __all__ = [
     "ServerConflict",
     "bearer_token_matches",
     "exposition_registry",
+    "negotiate",
     "render",
+    "start_configured_server",
     "start_server",
     "stop_server",
 ]
@@ -89,9 +96,19 @@ class _ClientFiles(Collector):
         yield from families
 
 
+def negotiate(accept: str | None) -> tuple[Callable[[t.Any], bytes], str]:
+    """prometheus-client's encoder and content type for an ``Accept`` header; the
+    Prometheus text format for one it cannot read (it raises on some malformed
+    ones, e.g. ``version=banana``), as for a format it does not know."""
+    try:
+        return choose_encoder(accept or "")
+    except Exception:
+        return choose_encoder("")
+
+
 def render(registry: CollectorRegistry | None, accept: str) -> tuple[bytes, str]:
     """The exposition body and its content type for an ``Accept`` header."""
-    encoder, content_type = choose_encoder(accept)
+    encoder, content_type = negotiate(accept)
     return encoder(exposition_registry(registry)), content_type
 
 
@@ -136,6 +153,10 @@ def _guarded_app(
             if not check(flask.Request(environ)):
                 start_response("403 Forbidden", [("Content-Type", "text/plain")])
                 return [b"forbidden\n"]
+        try:
+            choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        except Exception:  # unreadable: the text format, as on the route (negotiate)
+            environ["HTTP_ACCEPT"] = ""
         return t.cast(Iterable[bytes], serve(environ, start_response))
 
     return app
@@ -244,3 +265,54 @@ def stop_server(port: int, addr: str) -> None:
     running.server.shutdown()
     running.server.server_close()
     running.thread.join(_STOP_TIMEOUT)
+
+
+def start_configured_server(
+    settings: Settings,
+    registry: CollectorRegistry | None,
+    check: Check | None = None,
+    *,
+    gunicorn_master: bool = False,
+) -> int:
+    """:func:`start_server` on ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``,
+    guarded by ``SIGTRACE_METRICS_TOKEN`` and ``check``: a failure is a
+    :class:`~sigtrace.config.ConfigError` that names the setting at fault and a
+    fix that applies where this process runs (a gunicorn worker is told to serve
+    it from the master; ``gunicorn_master``: this is the master)."""
+    from .config import ConfigError
+
+    port, addr = t.cast(int, settings.metrics_port), settings.metrics_addr
+    try:
+        return start_server(port, addr, registry, token=settings.metrics_token, check=check)
+    except ServerConflict as error:
+        raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
+    except OSError as error:
+        in_worker = "gunicorn" in sys.modules and not gunicorn_master
+        raise ConfigError(_bind_error(port, addr, error, in_worker)) from error
+
+
+def _bind_error(port: int, addr: str, error: OSError, gunicorn_worker: bool) -> str:
+    where = f"cannot serve metrics on {addr}:{port} ({error})"
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"SIGTRACE_METRICS_ADDR={addr!r}: {where}: not an address of this host; set it "
+            "to 127.0.0.1 (this host only), or to an address of one of its interfaces "
+            "(0.0.0.0 for all of them, then with SIGTRACE_METRICS_TOKEN)"
+        )
+    if error.errno == errno.EACCES and 0 < port < 1024:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: ports below 1024 need privileges; "
+            "choose a port of 1024 or more"
+        )
+    if error.errno == errno.EADDRINUSE and gunicorn_worker:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: under gunicorn every worker would "
+            "bind it; serve it once from the master: add `from sigtrace.gunicorn import "
+            "when_ready` to gunicorn.conf.py and set PROMETHEUS_MULTIPROC_DIR"
+        )
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"SIGTRACE_METRICS_PORT={port!r}: {where}: another process listens there; "
+            "choose a free port"
+        )
+    return f"SIGTRACE_METRICS_PORT={port!r}, SIGTRACE_METRICS_ADDR={addr!r}: {where}"

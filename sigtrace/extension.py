@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import re
 import threading
 import typing as t
@@ -28,7 +27,7 @@ from time import perf_counter
 import flask
 from flask import signals as flask_signals
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
@@ -42,14 +41,22 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH, URL_SCHEME
 from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_ORIGINAL
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.util.http import get_excluded_urls
+from opentelemetry.util.http import ExcludeList
 from prometheus_client import CollectorRegistry
 
 from . import dispatch, multiprocess_directory, multiprocess_publisher, tracing
 from .bindings import exemplar_of
-from .config import ConfigError, Settings, load_settings
+from .config import (
+    ConfigError,
+    Settings,
+    check_environment,
+    check_exposure,
+    first_otel_value,
+    load_settings,
+)
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
+from .routes import add_route, check_route
 
 __all__ = ["RequestHook", "ResponseHook", "SigTrace", "UNMATCHED_ENDPOINT"]
 
@@ -82,13 +89,17 @@ class _AppState:
             (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
         )
         # OTel's regexes (OTEL_PYTHON_FLASK_EXCLUDED_URLS, else OTEL_PYTHON_EXCLUDED_URLS),
-        # searched in the full URL as opentelemetry-instrumentation-flask does
+        # searched in the full URL as opentelemetry-instrumentation-flask does; the
+        # invalid ones left out (check_environment warned about them)
         self.url_excluded: t.Callable[[str], bool] | None = None
-        if any(
-            os.environ.get(key, "").strip()
-            for key in ("OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS")
-        ):
-            self.url_excluded = get_excluded_urls("FLASK").url_disabled
+        urls = first_otel_value(("OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS"))
+        if urls:
+            self.url_excluded = ExcludeList(list(urls)).url_disabled
+        # imported here, not with this module: with a bad OTEL_PROPAGATORS the import raises,
+        # and check_environment has said so as a ConfigError first
+        from opentelemetry import propagate
+
+        self.extract = propagate.extract
         self.durations: dict[tuple[str, str, str], t.Any] = {}
         self.metrics_port: int | None = None
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
@@ -170,7 +181,7 @@ def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
         return  # no tracing, or nested under the caller's span
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
         return  # opentelemetry-instrumentation-flask makes the server span
-    parent = propagate.extract(request.headers)
+    parent = state.extract(request.headers)
     route = rule.rule if rule is not None else None
     environ = request.environ
     attributes: dict[str, t.Any] = {
@@ -349,67 +360,81 @@ class SigTrace:
             self.init_app(app)
 
     def init_app(self, app: flask.Flask) -> None:
-        """Validate the settings and instrument ``app`` (and every blinker signal)."""
+        """Validate the settings and instrument ``app`` (and every blinker signal).
+
+        Everything that can be refused is checked before anything is patched or
+        started; a :class:`ConfigError` leaves blinker, the app and the process
+        as they were.
+        """
         if "sigtrace" in app.extensions:
             raise ConfigError(f"SigTrace is already initialised on app {app.name!r}")
         settings = load_settings(app.config)
+        check_environment()
         exporters = tracing.traces_exporters() if settings.tracing else ()
         path = multiprocess_directory.directory()
         if settings.metrics and path is not None:
             multiprocess_publisher.check_at_init(path, settings.multiproc_allow_shared_dir)
-        dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
+        if settings.metrics and settings.metrics_path:
+            check_route(app, "SIGTRACE_METRICS_PATH", settings.metrics_path)
+        metrics_port: int | None = None
+        if settings.metrics and settings.metrics_port is not None:
+            check_exposure(settings, self.metrics_auth is not None)
+            from .exposition import start_configured_server
+
+            metrics_port = start_configured_server(settings, self.registry, self.metrics_auth)
+        instrumented = False
+        try:
+            dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
+            instrumented = True
+            self._start(app, settings, exporters, metrics_port)
+        except BaseException:
+            app.extensions.pop("sigtrace", None)
+            if metrics_port is not None:
+                from .exposition import stop_server
+
+                stop_server(metrics_port, settings.metrics_addr)
+            if instrumented:
+                dispatch.uninstrument()
+            raise
+        self._apps.append(app)
+
+    def _start(
+        self,
+        app: flask.Flask,
+        settings: Settings,
+        exporters: tuple[str, ...],
+        metrics_port: int | None,
+    ) -> None:
+        """The rest of init_app, once blinker is patched (validated: nothing here is
+        expected to fail; init_app undoes the patch if it does). What cannot be
+        undone comes last: the SDK's global provider, then the app's route."""
         metrics = None
         if settings.metrics:
             metrics = dispatch.active_metrics() or metric_set(
                 self.registry, settings.buckets, settings.max_label_values
             )
-        if settings.tracing and self.tracer_provider is None:
-            _setup_exporter(app, settings, exporters)
-        if metrics is not None:
-            from . import otlp_metrics
-
-            try:
-                otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
-            except ConfigError:
-                dispatch.uninstrument()
-                raise
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
+        state.metrics_port = metrics_port
         if metrics is not None:
             state.publisher = multiprocess_publisher.attach(metrics, settings.publish_interval)
-        _install_request_hooks()
-        if settings.metrics and settings.metrics_path:
-            app.add_url_rule(
-                settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]
-            )
-        if settings.metrics and settings.metrics_port is not None:
-            from .exposition import ServerConflict, start_server
+            from . import otlp_metrics
 
-            try:
-                state.metrics_port = start_server(
-                    settings.metrics_port,
-                    settings.metrics_addr,
-                    self.registry,
-                    token=settings.metrics_token,
-                    check=self.metrics_auth,
-                )
-            except ServerConflict as error:
-                app.extensions.pop("sigtrace", None)
-                dispatch.uninstrument()
-                raise ConfigError(
-                    f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
-                ) from None
-            except OSError as error:
-                app.extensions.pop("sigtrace", None)
-                dispatch.uninstrument()
-                raise ConfigError(
-                    f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve metrics on "
-                    f"{settings.metrics_addr}:{settings.metrics_port} ({error}); under gunicorn "
-                    "start the server once in the master with sigtrace.gunicorn.when_ready"
-                ) from error
+            otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
+        _install_request_hooks()
+        if settings.tracing and self.tracer_provider is None:
+            _setup_exporter(app, settings, exporters)
+        _log_if_nothing_samples(settings, exporters, self.tracer_provider)
+        if settings.metrics and settings.metrics_path:
+            add_route(
+                app,
+                "SIGTRACE_METRICS_PATH",
+                settings.metrics_path,
+                _METRICS_ENDPOINT,
+                self._metrics_view,
+            )
         from .cli import sigtrace_cli
 
         app.cli.add_command(sigtrace_cli)
-        self._apps.append(app)
 
     def _metrics_view(self) -> flask.Response:
         state: _AppState = flask.current_app.extensions["sigtrace"]
@@ -437,6 +462,36 @@ class SigTrace:
                 stop_server(state.metrics_port, state.settings.metrics_addr)
             dispatch.uninstrument()
         self._apps.clear()
+
+
+def _log_if_nothing_samples(
+    settings: Settings, exporters: tuple[str, ...], provider: trace.TracerProvider | None
+) -> None:
+    """One INFO line when no span can be sampled, so no exemplar either: why, and how to
+    turn them on (metrics are recorded either way)."""
+    if not settings.tracing:
+        reason, fix = "SIGTRACE_TRACING is false", "set SIGTRACE_TRACING=true"
+    elif provider is not None or tracing.user_configured_provider():
+        return
+    elif exporters == ("none",):
+        reason, fix = "OTEL_TRACES_EXPORTER=none", "unset OTEL_TRACES_EXPORTER"
+    elif tracing.sdk_disabled():
+        reason, fix = "OTEL_SDK_DISABLED=true", "unset OTEL_SDK_DISABLED"
+    elif exporters or tracing.otlp_endpoint_configured(settings.otlp_endpoint):
+        reason = "the span exporter could not be set up (logged above)"
+        fix = "fix the OTEL_EXPORTER_OTLP_* settings it names"
+    else:
+        reason = "no OTLP endpoint and no TracerProvider is configured"
+        fix = (
+            "set OTEL_EXPORTER_OTLP_ENDPOINT (or SIGTRACE_OTLP_ENDPOINT), pass "
+            "SigTrace(tracer_provider=...), or set a global provider before init_app"
+        )
+    log.info(
+        "sigtrace: no spans and no exemplars: %s; to get them, %s (metrics are recorded "
+        "either way)",
+        reason,
+        fix,
+    )
 
 
 def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> None:

@@ -29,7 +29,7 @@ import os
 import typing as t
 
 from . import multiprocess_directory, multiprocess_publisher
-from .config import ConfigError, load_settings
+from .config import ConfigError, check_exposure, load_settings
 
 __all__ = ["child_exit", "on_starting", "when_ready", "worker_exit"]
 
@@ -136,11 +136,10 @@ def when_ready(server: t.Any) -> None:
             "without it each worker would need its own port"
         )
         return
-    from .exposition import start_server
+    from .exposition import start_configured_server
 
-    port = start_server(
-        settings.metrics_port, settings.metrics_addr, None, token=settings.metrics_token
-    )
+    check_exposure(settings, metrics_auth=False)
+    port = start_configured_server(settings, None, gunicorn_master=True)
     server.log.info(
         "sigtrace: serving all workers' metrics on http://%s:%d/metrics",
         settings.metrics_addr,

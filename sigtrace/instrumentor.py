@@ -27,7 +27,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 )
 
 from . import dispatch, otlp_metrics
-from .config import ConfigError, load_settings
+from .config import check_environment, check_exposure, load_settings
 
 __all__ = ["BlinkerInstrumentor"]
 
@@ -50,42 +50,36 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: t.Any) -> None:
         settings = load_settings({})
-        dispatch.instrument(
-            settings.instrument_options(kwargs.get("registry"), kwargs.get("tracer_provider"))
-        )
-        metrics = dispatch.active_metrics() if settings.metrics else None
-        if metrics is None:
-            return
-        try:
-            otlp_metrics.start(metrics, None)  # only with OTEL_METRICS_EXPORTER=otlp
-            if settings.metrics_port is not None:
-                from .exposition import ServerConflict, start_server
+        check_environment()
+        port: int | None = None
+        if settings.metrics and settings.metrics_port is not None:
+            from .exposition import start_configured_server
 
-                try:
-                    port = start_server(
-                        settings.metrics_port,
-                        settings.metrics_addr,
-                        kwargs.get("registry"),
-                        token=settings.metrics_token,
-                    )
-                except ServerConflict as error:
-                    raise ConfigError(
-                        f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
-                    ) from None
-                except OSError as error:
-                    raise ConfigError(
-                        f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve "
-                        f"metrics on {settings.metrics_addr}:{settings.metrics_port} ({error})"
-                    ) from error
-                self._metrics_port, self._metrics_addr = port, settings.metrics_addr
-        except ConfigError:
-            dispatch.uninstrument()
+            check_exposure(settings, metrics_auth=False)
+            port = start_configured_server(settings, kwargs.get("registry"))
+            self._metrics_port, self._metrics_addr = port, settings.metrics_addr
+        instrumented = False
+        try:
+            dispatch.instrument(
+                settings.instrument_options(kwargs.get("registry"), kwargs.get("tracer_provider"))
+            )
+            instrumented = True
+            metrics = dispatch.active_metrics() if settings.metrics else None
+            if metrics is not None:
+                otlp_metrics.start(metrics, None)  # only with OTEL_METRICS_EXPORTER=otlp
+        except BaseException:
+            self._stop_server()
+            if instrumented:
+                dispatch.uninstrument()
             raise
 
-    def _uninstrument(self, **kwargs: t.Any) -> None:
+    def _stop_server(self) -> None:
         if self._metrics_port is not None:
             from .exposition import stop_server
 
             stop_server(self._metrics_port, self._metrics_addr)
             self._metrics_port = None
+
+    def _uninstrument(self, **kwargs: t.Any) -> None:
+        self._stop_server()
         dispatch.uninstrument()

@@ -56,9 +56,14 @@ log = logging.getLogger("sigtrace")
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.022, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-"""From 5 µs to 10 s: receivers usually run far below prometheus-client's 5 ms."""
+"""From 5 µs to 10 s: receivers usually run far below prometheus-client's 5 ms.
+
+Quantiles estimated from these buckets (``histogram_quantile``) interpolate
+inside one bucket: 20 and 22 ms are bounds so that a receiver taking a steady
+20-22 ms (a 20 ms sleep, a round trip) reads within 10 % at p50 and p99, where
+the 10-25 ms bucket alone showed 17.5 ms."""
 
 DEFAULT_MAX_LABEL_VALUES = 500
 """Distinct values one label may take in one family; later values are capped."""

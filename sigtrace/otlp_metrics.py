@@ -114,12 +114,15 @@ def _exporter(protocol: str, environ: Mapping[str, str]) -> t.Any:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
+        from .config import otlp_insecure
+
+        insecure = otlp_insecure("METRICS")  # a bad ..._INSECURE: by the scheme, as unset
         if compression.lower() == "none":
             # "none" is a valid value the gRPC exporter rejects (it knows only gzip)
             from grpc import Compression  # type: ignore[import-untyped]
 
-            return OTLPMetricExporter(compression=Compression.NoCompression)
-        return OTLPMetricExporter()
+            return OTLPMetricExporter(compression=Compression.NoCompression, insecure=insecure)
+        return OTLPMetricExporter(insecure=insecure)
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter as HTTPMetricExporter,
     )

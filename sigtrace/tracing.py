@@ -164,15 +164,12 @@ _log_filters: list[tuple[logging.Logger, logging.Filter]] = []
 
 def otlp_endpoint_configured(own_endpoint: str | None = None) -> bool:
     """True when an OTLP traces endpoint is configured by env or sigtrace config."""
-    return bool(
-        own_endpoint
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    from .config import first_otel_value
+
+    endpoint = first_otel_value(
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
     )
-
-
-TRACES_EXPORTERS = ("otlp", "console", "none")
-"""The ``OTEL_TRACES_EXPORTER`` values sigtrace's own SDK set-up knows."""
+    return bool(own_endpoint or endpoint)
 
 
 def traces_exporters(environ: t.Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -181,16 +178,17 @@ def traces_exporters(environ: t.Mapping[str, str] | None = None) -> tuple[str, .
     ``otlp``, ``console`` or both (comma-separated), or ``none``; anything else
     raises :class:`~sigtrace.config.ConfigError` naming the value.
     """
+    from .config import OTEL_KEYS, ConfigError
+
     environ = os.environ if environ is None else environ
     raw = environ.get("OTEL_TRACES_EXPORTER", "")
-    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
-    if any(n not in TRACES_EXPORTERS for n in names) or ("none" in names and len(names) > 1):
-        from .config import ConfigError
-
+    try:
+        names: tuple[str, ...] = OTEL_KEYS["OTEL_TRACES_EXPORTER"].parse(raw)
+    except TypeError as expected:
         raise ConfigError(
             f"OTEL_TRACES_EXPORTER={raw!r} (from the environment) is invalid: expected "
-            "'otlp', 'console', 'otlp,console' or 'none'"
-        )
+            f"{expected}; fix it or unset it where the process is started"
+        ) from None
     return names
 
 
@@ -202,9 +200,9 @@ def user_configured_provider() -> bool:
 
 def sdk_disabled() -> bool:
     """``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``: the user wants no SDK."""
-    disabled = _env_setting(("OTEL_SDK_DISABLED",), ("true", "false"), "false") == "true"
-    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    return disabled or exporters == "none"
+    from .config import otel_value
+
+    return bool(otel_value("OTEL_SDK_DISABLED")) or otel_value("OTEL_TRACES_EXPORTER") == ("none",)
 
 
 def sdk_resource(default_service_name: str) -> t.Any:
@@ -264,14 +262,15 @@ def setup_sdk(
             return None
         if exporter is None and not console:
             return None
-        provider = TracerProvider(resource=sdk_resource(service_name))
+        provider = TracerProvider(resource=sdk_resource(service_name), span_limits=_span_limits())
         once = None
+        batch = _batch_options()
         if exporter is not None:
             once = _OnceShutdownExporter(exporter)
             # the wrapper is a SpanExporter by duck typing (export, shutdown, force_flush)
-            provider.add_span_processor(BatchSpanProcessor(t.cast(t.Any, once)))
+            provider.add_span_processor(BatchSpanProcessor(t.cast(t.Any, once), **batch))
         if console:
-            provider.add_span_processor(BatchSpanProcessor(_console_exporter()))
+            provider.add_span_processor(BatchSpanProcessor(_console_exporter(), **batch))
         trace.set_tracer_provider(provider)
         _sdk_provider, _sdk_exporter = provider, once
         if once is not None:
@@ -281,90 +280,81 @@ def setup_sdk(
         return provider
 
 
-_DEFAULT_OTLP_TIMEOUT = 10.0  # seconds, the Python OTLP exporters' default
+_SPAN_LIMITS = {
+    "OTEL_ATTRIBUTE_COUNT_LIMIT": "max_attributes",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT": "max_events",
+    "OTEL_SPAN_LINK_COUNT_LIMIT": "max_links",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "max_span_attributes",
+    "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": "max_event_attributes",
+    "OTEL_LINK_ATTRIBUTE_COUNT_LIMIT": "max_link_attributes",
+    "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "max_attribute_length",
+    "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "max_span_attribute_length",
+}
+"""The SDK's span-limit variables and the ``SpanLimits`` argument each one sets."""
 
 
-def _env_value(names: tuple[str, ...]) -> tuple[str, str] | None:
-    """The first of ``names`` set to a non-blank value, and that value (stripped)."""
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return name, value
-    return None
+def _span_limits() -> t.Any:
+    """The SDK's span limits, each bad ``OTEL_*`` limit replaced by its default (the
+    SDK would raise on it): a valid one is left for the SDK to read, so its
+    precedence between the span and the global limits holds."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    from .config import OTEL_KEYS, otel_value
+
+    given: dict[str, int] = {}
+    for name, argument in _SPAN_LIMITS.items():
+        raw = os.environ.get(name, "").strip()
+        if raw and otel_value(name) == OTEL_KEYS[name].default:
+            given[argument] = t.cast(int, OTEL_KEYS[name].default)  # bad or the default anyway
+    return SpanLimits(**given)
 
 
-def _env_setting(names: tuple[str, ...], allowed: tuple[str, ...], default: str) -> str:
-    """An ``OTEL_*`` choice, lower-cased; a value not in ``allowed`` is warned about
-    (naming the variable and the value) and ``default`` used, as the SDK does."""
-    found = _env_value(names)
-    if found is None:
-        return default
-    name, value = found
-    if value.lower() in allowed:
-        return value.lower()
-    log.warning(
-        "sigtrace: %s=%r is invalid: expected one of %s; using the default, %r",
-        name,
-        value,
-        ", ".join(repr(a) for a in allowed),
-        default,
-    )
-    return default
+def _batch_options() -> dict[str, t.Any]:
+    """The batch span processor's ``OTEL_BSP_*`` settings, validated (the SDK raises
+    on a bad one): each variable's value, else its default."""
+    from .config import otel_value
 
-
-def _env_timeout() -> float | None:
-    """The OTLP timeout to pass to the exporter: None lets it read a valid
-    ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` itself; a bad one is warned about and
-    replaced by the default (the gRPC exporter would raise on it)."""
-    found = _env_value(("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"))
-    if found is None:
-        return None
-    name, value = found
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if 0 < seconds < float("inf"):
-        return None
-    log.warning(
-        "sigtrace: %s=%r is invalid: expected a positive number of seconds; using the default, %g",
-        name,
-        value,
-        _DEFAULT_OTLP_TIMEOUT,
-    )
-    return _DEFAULT_OTLP_TIMEOUT
+    queue = otel_value("OTEL_BSP_MAX_QUEUE_SIZE")
+    return {
+        "max_queue_size": queue,
+        "schedule_delay_millis": otel_value("OTEL_BSP_SCHEDULE_DELAY"),
+        "max_export_batch_size": min(otel_value("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), queue),
+        "export_timeout_millis": otel_value("OTEL_BSP_EXPORT_TIMEOUT"),
+    }
 
 
 def _otlp_exporter(endpoint: str | None) -> t.Any:
-    protocol = _env_setting(
-        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
-        ("grpc", "http/protobuf"),
-        "grpc",
-    )
-    compression_names = ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION")
-    options: dict[str, t.Any] = {}
-    timeout = _env_timeout()
-    if timeout is not None:
-        options["timeout"] = timeout
-    if protocol == "grpc":
+    """The OTLP span exporter, given every setting sigtrace validated (a bad one was
+    warned about by :func:`sigtrace.config.check_environment` and is the default here);
+    headers and certificates the exporter reads itself."""
+    from .config import first_otel_value, otlp_insecure
+
+    def setting(suffix: str) -> t.Any:
+        return first_otel_value(
+            (f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
+        )
+
+    compression = setting("COMPRESSION")
+    options: dict[str, t.Any] = {"timeout": setting("TIMEOUT")}
+    if setting("PROTOCOL") == "grpc":
+        from grpc import Compression  # type: ignore[import-untyped]
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if endpoint:
             options["endpoint"] = endpoint
-        compression = _env_setting(compression_names, ("gzip", "none"), "none")
-        if compression == "none":
-            # "none" is a valid value the gRPC exporter rejects (it knows only gzip);
-            # passing it also keeps the exporter from reading (and raising on) a bad one
-            from grpc import Compression  # type: ignore[import-untyped]
-
-            options["compression"] = Compression.NoCompression
+        options["insecure"] = otlp_insecure("TRACES", endpoint)
+        # passed, not left to the exporter: it knows only gzip (and raises on "none")
+        options["compression"] = {
+            "gzip": Compression.Gzip,
+            "deflate": Compression.Deflate,
+            "none": Compression.NoCompression,
+        }[compression]
         return OTLPSpanExporter(**options)
     from opentelemetry.exporter.otlp.proto.http import Compression as HTTPCompression
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HTTPSpanExporter,
     )
 
-    compression = _env_setting(compression_names, ("gzip", "deflate", "none"), "none")
     options["compression"] = HTTPCompression(compression)
     if endpoint:
         if not endpoint.rstrip("/").endswith("/v1/traces"):

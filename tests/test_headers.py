@@ -1,0 +1,216 @@
+"""Both listeners answer any ``Accept`` and ``Authorization`` header without a 500:
+the app route (``SIGTRACE_METRICS_PATH``) and the separate server
+(``SIGTRACE_METRICS_PORT``). A malformed, huge or unknown ``Accept`` gets the
+Prometheus text format; a wrong ``Authorization`` gets 401.
+
+Headers are fuzzed with hypothesis: a grammar of media types and parameters
+(what prometheus-client parses, and how it can go wrong) and arbitrary
+header-safe text, against the Flask test client and real HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+
+import pytest
+from blinker import Namespace
+from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from sigtrace import SigTrace
+
+TOKEN = "s3cret-token"
+GOOD = f"Bearer {TOKEN}"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+NS = Namespace()
+ping = NS.signal("headers-ping")
+
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+# Header values: visible latin-1 text and spaces and tabs (no CR, LF or NUL,
+# which HTTP forbids and clients refuse to send).
+header_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=200,
+) | st.text(st.sampled_from(" \t;,=.0123456789abcdefgilmnoprstuvxyz/-+*\"'"), max_size=120)
+
+media_type = st.sampled_from(
+    [
+        "application/openmetrics-text",
+        "text/plain",
+        "*/*",
+        "application/json",
+        "text/*",
+        "",
+        "application/openmetrics-text ",
+    ]
+)
+parameter = st.builds(
+    "{}={}".format,
+    st.sampled_from(["version", "escaping", "q", "charset", "", "VERSION"]),
+    st.sampled_from(
+        [
+            "1.0.0",
+            "0.0.1",
+            "0.0.4",
+            "banana",
+            "1.a",
+            "",
+            "1",
+            "2.0.0",
+            "99.99.99",
+            "values",
+            "dots",
+            "allow-utf-8",
+            "underscores",
+            "0.5",
+            "1.0.0.0",
+            "-1",
+            "\u0661.\u0660",  # Arabic-Indic digits: isdigit() but not ASCII
+        ]
+    ),
+)
+media_range = st.builds(
+    lambda media, params: ";".join([media, *params]), media_type, st.lists(parameter, max_size=4)
+)
+accept_header = st.builds(", ".join, st.lists(media_range, min_size=1, max_size=4)) | header_text
+
+
+def lets_in(authorization: str) -> bool:
+    """What the guard accepts: ``Bearer`` in any case, then the token; surrounding
+    whitespace is not part of a header value (RFC 9110)."""
+    scheme, _, given = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and given.strip() == TOKEN
+
+
+bad_authorization = header_text.filter(lambda value: not lets_in(value)) | st.sampled_from(
+    [
+        f"Bearer {TOKEN}x",
+        f"Bearer  {TOKEN[:-1]}",
+        f"Basic {TOKEN}",
+        TOKEN,
+        "Bearer",
+        "Bearer ",
+        f"Bearer {TOKEN}\t{TOKEN}",
+        "Bearer é" * 500,
+    ]
+)
+
+HUGE_ACCEPTS = [
+    "application/openmetrics-text; version=" + "1." * 20_000 + "0",
+    ", ".join(["application/openmetrics-text; version=banana"] * 2_000),
+    "x" * 60_000,
+]
+
+
+def assert_served(status: int, content_type: str, body: str) -> None:
+    assert status in (200, 406), (status, body[:300])
+    if status == 200:
+        assert content_type.startswith(("text/plain", "application/openmetrics-text"))
+        assert 'sigtrace_signal_sends_total{signal="headers-ping"}' in body, body[:300]
+
+
+@pytest.fixture
+def app(registry: CollectorRegistry) -> Iterator[Flask]:
+    app = Flask("headers")
+    app.config.update(SIGTRACE_METRICS_TOKEN=TOKEN, SIGTRACE_METRICS_PORT=0)
+    ext = SigTrace(app, registry=registry)
+    ping.send(None)
+    yield app
+    ext.close()
+
+
+def as_wsgi(value: str) -> str:
+    """A header as a WSGI server hands it on: its UTF-8 bytes read as latin-1."""
+    return value.encode("utf-8").decode("latin-1")
+
+
+def route_get(app: Flask, headers: dict[str, str]) -> tuple[int, str, str]:
+    wsgi = {name: as_wsgi(value) for name, value in headers.items()}
+    response = app.test_client().get("/metrics", headers=wsgi)
+    return response.status_code, response.content_type or "", response.text
+
+
+def server_get(app: Flask, headers: dict[str, str]) -> tuple[int, str, str]:
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", app.extensions["sigtrace"].metrics_port, timeout=10
+    )
+    try:
+        connection.putrequest("GET", "/metrics", skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value.encode("utf-8"))
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read().decode()
+    finally:
+        connection.close()
+
+
+GETTERS = {"route": route_get, "server": server_get}
+
+
+@pytest.mark.parametrize("listener", sorted(GETTERS))
+def test_any_accept_header_gets_a_format_never_a_500(app: Flask, listener: str) -> None:
+    get = GETTERS[listener]
+
+    @FUZZ
+    @given(accept=accept_header)
+    def check(accept: str) -> None:
+        assert_served(*get(app, {"Accept": accept, "Authorization": GOOD}))
+
+    check()
+
+
+@pytest.mark.parametrize("listener", sorted(GETTERS))
+@pytest.mark.parametrize(
+    "accept",
+    ["application/openmetrics-text; version=banana", "text/plain; version=x", "application/json"],
+)
+def test_an_unreadable_or_unknown_accept_gets_the_text_format(
+    app: Flask, listener: str, accept: str
+) -> None:
+    status, content_type, body = GETTERS[listener](app, {"Accept": accept, "Authorization": GOOD})
+    assert (status, content_type) == (200, TEXT)
+    assert 'sigtrace_signal_sends_total{signal="headers-ping"} 1.0' in body
+
+
+@pytest.mark.parametrize("listener", sorted(GETTERS))
+def test_huge_accept_headers_never_get_a_500(app: Flask, listener: str) -> None:
+    for accept in HUGE_ACCEPTS:
+        status, content_type, body = GETTERS[listener](
+            app, {"Accept": accept, "Authorization": GOOD}
+        )
+        if listener == "server" and status == 431:
+            continue  # the HTTP server refuses a header line over 64 KiB itself
+        assert_served(status, content_type, body)
+
+
+@pytest.mark.parametrize("listener", sorted(GETTERS))
+def test_any_wrong_authorization_gets_401(app: Flask, listener: str) -> None:
+    get = GETTERS[listener]
+
+    @FUZZ
+    @given(authorization=bad_authorization, accept=accept_header)
+    def check(authorization: str, accept: str) -> None:
+        status, _, body = get(app, {"Authorization": authorization, "Accept": accept})
+        assert status == 401, (status, body[:300])
+        assert "sigtrace_" not in body
+
+    check()
+
+
+@pytest.mark.parametrize("listener", sorted(GETTERS))
+def test_no_authorization_gets_401_and_the_token_gets_the_metrics(
+    app: Flask, listener: str
+) -> None:
+    assert GETTERS[listener](app, {})[0] == 401
+    assert_served(*GETTERS[listener](app, {"Authorization": GOOD}))
