@@ -334,7 +334,10 @@ def _number(kind: type[int] | type[float], minimum: float, unit: str) -> Callabl
 
 
 def _otlp_seconds(value: object) -> float:
-    seconds: float = _number(float, 0, " seconds")(value)
+    try:
+        seconds: float = _number(float, 0, " seconds")(value)
+    except TypeError:
+        seconds = 0
     if seconds == 0:
         raise TypeError("a positive number of seconds")
     return seconds
