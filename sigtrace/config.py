@@ -643,6 +643,8 @@ def _default_shown(value: object) -> str:
         return str(value).lower()
     if value == BY_SCHEME:
         return BY_SCHEME
+    if isinstance(value, float):
+        return f"{value:g}"
     if value == _UNLIMITED:
         return "no limit"
     if value in ((), None, ""):
