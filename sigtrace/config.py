@@ -338,7 +338,10 @@ def _number(kind: type[int] | type[float], minimum: float, unit: str) -> Callabl
 
 
 def _otlp_seconds(value: object) -> float:
-    seconds: float = _number(float, 0, " seconds")(value)
+    try:
+        seconds: float = _number(float, 0, " seconds")(value)
+    except TypeError:
+        seconds = 0
     if seconds == 0:
         raise TypeError("a positive number of seconds")
     return seconds
@@ -644,6 +647,8 @@ def _default_shown(value: object) -> str:
         return str(value).lower()
     if value == BY_SCHEME:
         return BY_SCHEME
+    if isinstance(value, float):
+        return f"{value:g}"
     if value == _UNLIMITED:
         return "no limit"
     if value in ((), None, ""):
