@@ -84,13 +84,21 @@ __all__ = [
     "ENV",
     "LOCK_NAME",
     "LOCK_TIMEOUT",
+    "LockTimeout",
     "PublishedTotalsCollector",
+    "Reader",
+    "after_fork_in_child",
     "archive_dead",
     "check_directory",
     "clear",
     "directory",
+    "directory_problem",
     "error_counts",
+    "errors_family",
+    "reader",
+    "recreate",
     "report",
+    "share",
     "stale_files",
     "trust_owner",
     "write_private",
@@ -657,7 +665,15 @@ class PublishedTotalsCollector(Collector):
             totals = fmt.Totals()
         for _, document in own:
             totals.add(document)
-        yield from totals.metric_families()
+        try:
+            families = list(totals.metric_families())
+        except Exception as error:  # never a 500: this process's values alone
+            report("read_failed", self.path, f"{error!r}; serving this process's values only")
+            totals = fmt.Totals()
+            for _, document in own:
+                totals.add(document)
+            families = list(totals.metric_families())
+        yield from families
         yield errors_family()
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import typing as t
 from collections.abc import Iterator
 
@@ -206,6 +207,10 @@ def encode(document: Document) -> bytes:
 # a validation library would be a new dependency for these few checks.
 
 
+_NAME = re.compile(r"sigtrace_[a-zA-Z0-9_]+")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
 def _fail(detail: str) -> t.NoReturn:
     raise FormatError("invalid_document", detail)
 
@@ -244,14 +249,17 @@ def _check_family(family: object, index: int) -> None:
     where = f"families[{index}]"
     if not isinstance(family, dict) or set(family) != set(Family.__annotations__):
         _fail(f"{where} does not have the fields {sorted(Family.__annotations__)}")
-    if not isinstance(family["name"], str) or not family["name"].startswith("sigtrace_"):
+    if not isinstance(family["name"], str) or not _NAME.fullmatch(family["name"]):
         _fail(f"{where}.name is not a sigtrace metric name")
     if not isinstance(family["help"], str):
         _fail(f"{where}.help is not a string")
     kind = family["kind"]
     if kind not in ("counter", "histogram"):
         _fail(f"{where}.kind is {kind!r}")
-    width = len(_strings(family["labels"], f"{where}.labels"))
+    labelnames = _strings(family["labels"], f"{where}.labels")
+    if not all(_LABEL.fullmatch(n) for n in labelnames) or "le" in labelnames:
+        _fail(f"{where}.labels holds a name Prometheus does not accept")
+    width = len(labelnames)
     bounds = _strings(family["bounds"], f"{where}.bounds")
     if kind == "histogram":
         try:

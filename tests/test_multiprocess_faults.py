@@ -200,6 +200,10 @@ BAD_ENTRIES = {
     "nan": ("invalid_document", lambda p: p.write_text(_document_with("NaN"))),
     "huge": ("invalid_document", lambda p: p.write_text(_document_with("1e999"))),
     "a_string": ("invalid_document", lambda p: p.write_text(_document_with('"7"'))),
+    "a_bad_name": (
+        "invalid_document",
+        lambda p: p.write_text(_document_with("1").replace("sigtrace_signal_sends", "sigtrace_ x")),
+    ),
     "a_directory": ("not_regular", lambda p: p.mkdir()),
     "a_fifo": ("not_regular", lambda p: os.mkfifo(p)),
     "a_dangling_symlink": ("not_regular", lambda p: p.symlink_to(p.parent / "nowhere")),
