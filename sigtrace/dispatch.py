@@ -31,11 +31,11 @@ from blinker import ANY, Signal
 from blinker.base import ANY_ID
 from opentelemetry.trace import Span
 
-from . import naming, tracing
+from . import lifecycle, naming, tracing
 from .bindings import RequestHooks, SignalBinding, records_signal, run_hook, unrecorded
 from .faults import internal_error
 from .identity import IdentityCache
-from .metrics import MetricSet, metric_set
+from .metrics import FOLDER, MetricSet, metric_set
 from .options import Options
 from .spans import SendSpans, SpanSettings
 from .version import __version__
@@ -386,6 +386,7 @@ def instrument(options: Options | None = None, /, **fields: t.Any) -> None:
         blinker_send = Signal.__dict__["send"]
         blinker_send_async = Signal.__dict__["send_async"]
         active = Active(options, blinker_send, blinker_send_async)
+        lifecycle.acquire(FOLDER)  # released by the last uninstrument()
         if _same_shape(blinker_send, send) and _same_shape(blinker_send_async, send_async):
             _blinker_functions.update(send=blinker_send, send_async=blinker_send_async)
             _active = active
@@ -420,6 +421,7 @@ def uninstrument() -> None:
             Signal.send = active.blinker_send  # type: ignore[method-assign]
             Signal.send_async = active.blinker_send_async  # type: ignore[method-assign]
         _active = None
+        lifecycle.release(FOLDER)
 
 
 def is_instrumented() -> bool:

@@ -17,6 +17,7 @@ the user's receivers and costs no receiver bookkeeping:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import get_excluded_urls
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, multiprocess, tracing
+from . import dispatch, lifecycle, multiprocess, tracing
 from .bindings import exemplar_of
 from .config import ConfigError, Settings, load_settings
 from .metrics import MetricSet, metric_set
@@ -94,6 +95,13 @@ class _AppState:
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
         self.publisher: multiprocess.Publisher | None = None
         """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
+        self.stops: list[t.Callable[[], object]] = []
+        """What undoes each thing init_app started for this app, in start order."""
+
+    def stop(self) -> None:
+        """Undo what init_app started for this app, last first."""
+        while self.stops:
+            self.stops.pop()()
 
 
 def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
@@ -286,25 +294,45 @@ def _pop_record() -> _Request | None:
     return record
 
 
-_hooks_lock = threading.Lock()
-_hooks_installed = False
+class _RequestHookUsers:
+    """How many apps time their requests; the first installs the hooks, the last removes them."""
+
+    _SIGNALS = (
+        flask_signals.request_started,
+        flask_signals.request_finished,
+        flask_signals.got_request_exception,
+        flask_signals.request_tearing_down,
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+    def acquire(self) -> None:
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            hooks = dispatch.RequestHooks
+            dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
+            dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
+            dispatch.set_hooks(
+                flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
+            )
+            dispatch.set_hooks(
+                flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
+            )
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users:
+                return
+            for signal in self._SIGNALS:
+                dispatch.set_hooks(signal, None)
 
 
-def _install_request_hooks() -> None:
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        hooks = dispatch.RequestHooks
-        dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
-        dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
-        dispatch.set_hooks(
-            flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
-        )
-        dispatch.set_hooks(
-            flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
-        )
-        _hooks_installed = True
+_request_hooks = _RequestHookUsers()
 
 
 MetricsAuth = t.Callable[[flask.Request], bool]
@@ -362,29 +390,49 @@ class SigTrace:
             metrics = dispatch.active_metrics() or metric_set(
                 self.registry, settings.buckets, settings.max_label_values
             )
+        state = _AppState(self, settings, metrics)
+        try:
+            self._start(app, state, exporters)
+        except BaseException:
+            app.extensions.pop("sigtrace", None)
+            state.stop()
+            dispatch.uninstrument()
+            raise
+        from .cli import sigtrace_cli
+
+        app.cli.add_command(sigtrace_cli)
+        self._apps.append(app)
+
+    def _start(self, app: flask.Flask, state: _AppState, exporters: tuple[str, ...]) -> None:
+        """Start what ``app`` runs; each start adds its undo to ``state.stops``."""
+        settings, metrics = state.settings, state.metrics
         if settings.tracing and self.tracer_provider is None:
-            _setup_exporter(app, settings, exporters)
+            installed = _setup_exporter(app, settings, exporters)
+            sdk = tracing.sdk_component()
+            if sdk is not None:  # sigtrace's provider: this app is one of its users
+                if not installed:
+                    lifecycle.acquire(sdk)
+                state.stops.append(functools.partial(lifecycle.release, sdk))
         if metrics is not None:
             from . import otlp_metrics
 
-            try:
-                otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
-            except ConfigError:
-                dispatch.uninstrument()
-                raise
-        state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
+            pusher = otlp_metrics.start(metrics, app.name)  # with OTEL_METRICS_EXPORTER=otlp
+            if pusher is not None:
+                state.stops.append(functools.partial(otlp_metrics.stop, pusher))
+        app.extensions["sigtrace"] = state
         if metrics is not None:
             state.publisher = multiprocess.attach(metrics, settings.publish_interval)
-        _install_request_hooks()
+        _request_hooks.acquire()
+        state.stops.append(_request_hooks.release)
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(
                 settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]
             )
         if settings.metrics and settings.metrics_port is not None:
-            from .exposition import ServerConflict, start_server
+            from .exposition import ServerConflict, start_server, stop_server
 
             try:
-                state.metrics_port = start_server(
+                port = start_server(
                     settings.metrics_port,
                     settings.metrics_addr,
                     self.registry,
@@ -392,23 +440,17 @@ class SigTrace:
                     check=self.metrics_auth,
                 )
             except ServerConflict as error:
-                app.extensions.pop("sigtrace", None)
-                dispatch.uninstrument()
                 raise ConfigError(
                     f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
                 ) from None
             except OSError as error:
-                app.extensions.pop("sigtrace", None)
-                dispatch.uninstrument()
                 raise ConfigError(
                     f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve metrics on "
                     f"{settings.metrics_addr}:{settings.metrics_port} ({error}); under gunicorn "
                     "start the server once in the master with sigtrace.gunicorn.when_ready"
                 ) from error
-        from .cli import sigtrace_cli
-
-        app.cli.add_command(sigtrace_cli)
-        self._apps.append(app)
+            state.metrics_port = port
+            state.stops.append(functools.partial(stop_server, port, settings.metrics_addr))
 
     def _metrics_view(self) -> flask.Response:
         state: _AppState = flask.current_app.extensions["sigtrace"]
@@ -427,28 +469,36 @@ class SigTrace:
         return flask.Response(body, 200, {"Content-Type": content_type})
 
     def close(self) -> None:
-        """Undo this extension's instrumentation (tests, app shutdown)."""
+        """Undo this extension's instrumentation (tests, app shutdown).
+
+        Stops what :meth:`init_app` started: the last user of each (another
+        app, ``BlinkerInstrumentor``) stops the thread, server or exporter,
+        removes the request hooks and restores blinker's ``send``.
+        """
         for app in self._apps:
             state = app.extensions.pop("sigtrace", None)
-            if state is not None and state.metrics_port is not None:
-                from .exposition import stop_server
-
-                stop_server(state.metrics_port, state.settings.metrics_addr)
+            if state is not None:
+                state.stop()
             dispatch.uninstrument()
         self._apps.clear()
 
 
-def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> None:
-    """OTEL_TRACES_EXPORTER when set; else OTLP when an endpoint is, else the console if asked."""
+def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> bool:
+    """OTEL_TRACES_EXPORTER when set; else OTLP when an endpoint is, else the console if asked.
+
+    True when this call installed sigtrace's SDK provider.
+    """
+    provider = None
     if exporters:
         if "none" not in exporters:
-            tracing.setup_sdk(
+            provider = tracing.setup_sdk(
                 app.name,
                 endpoint=settings.otlp_endpoint,
                 console="console" in exporters,
                 otlp="otlp" in exporters,
             )
     elif tracing.otlp_endpoint_configured(settings.otlp_endpoint):
-        tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
+        provider = tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
     elif settings.console_spans:
-        tracing.setup_sdk(app.name, console=True)
+        provider = tracing.setup_sdk(app.name, console=True)
+    return provider is not None

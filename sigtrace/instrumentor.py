@@ -19,6 +19,7 @@ calls ``SigTrace(app)``.
 
 from __future__ import annotations
 
+import functools
 import typing as t
 from collections.abc import Collection
 
@@ -27,7 +28,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 )
 
 from . import dispatch, otlp_metrics
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings
 
 __all__ = ["BlinkerInstrumentor"]
 
@@ -42,8 +43,8 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     prometheus-client's global registry).
     """
 
-    _metrics_port: int | None = None
-    _metrics_addr: str = "127.0.0.1"
+    _metrics_port: int | None = None  # the bound SIGTRACE_METRICS_PORT, for tests
+    _stops: tuple[t.Callable[[], object], ...] = ()  # what undoes each start, in start order
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -53,39 +54,48 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         dispatch.instrument(
             settings.instrument_options(kwargs.get("registry"), kwargs.get("tracer_provider"))
         )
-        metrics = dispatch.active_metrics() if settings.metrics else None
-        if metrics is None:
-            return
+        stops: list[t.Callable[[], object]] = [dispatch.uninstrument]
         try:
-            otlp_metrics.start(metrics, None)  # only with OTEL_METRICS_EXPORTER=otlp
-            if settings.metrics_port is not None:
-                from .exposition import ServerConflict, start_server
-
-                try:
-                    port = start_server(
-                        settings.metrics_port,
-                        settings.metrics_addr,
-                        kwargs.get("registry"),
-                        token=settings.metrics_token,
-                    )
-                except ServerConflict as error:
-                    raise ConfigError(
-                        f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}"
-                    ) from None
-                except OSError as error:
-                    raise ConfigError(
-                        f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve "
-                        f"metrics on {settings.metrics_addr}:{settings.metrics_port} ({error})"
-                    ) from error
-                self._metrics_port, self._metrics_addr = port, settings.metrics_addr
-        except ConfigError:
-            dispatch.uninstrument()
+            metrics = dispatch.active_metrics() if settings.metrics else None
+            if metrics is not None:
+                pusher = otlp_metrics.start(metrics, None)  # with OTEL_METRICS_EXPORTER=otlp
+                if pusher is not None:
+                    stops.append(functools.partial(otlp_metrics.stop, pusher))
+                if settings.metrics_port is not None:
+                    stops.append(self._serve(settings, kwargs.get("registry")))
+        except BaseException:
+            _undo(stops)
             raise
+        self._stops = tuple(stops)
+
+    def _serve(self, settings: Settings, registry: t.Any) -> t.Callable[[], object]:
+        from .exposition import ServerConflict, start_server, stop_server
+
+        assert settings.metrics_port is not None
+        try:
+            port = start_server(
+                settings.metrics_port,
+                settings.metrics_addr,
+                registry,
+                token=settings.metrics_token,
+            )
+        except ServerConflict as error:
+            raise ConfigError(f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}") from None
+        except OSError as error:
+            raise ConfigError(
+                f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve "
+                f"metrics on {settings.metrics_addr}:{settings.metrics_port} ({error})"
+            ) from error
+        self._metrics_port = port
+        return functools.partial(stop_server, port, settings.metrics_addr)
 
     def _uninstrument(self, **kwargs: t.Any) -> None:
-        if self._metrics_port is not None:
-            from .exposition import stop_server
+        """Stop what :meth:`_instrument` started (its last user stops each thread)."""
+        stops, self._stops = self._stops, ()
+        self._metrics_port = None
+        _undo(list(stops))
 
-            stop_server(self._metrics_port, self._metrics_addr)
-            self._metrics_port = None
-        dispatch.uninstrument()
+
+def _undo(stops: list[t.Callable[[], object]]) -> None:
+    while stops:
+        stops.pop()()

@@ -10,7 +10,8 @@ classes still do the exposition (:class:`prometheus_client.registry.Collector`).
 A histogram's recorded values wait in their list until they are *folded* into
 bucket counts and a sum: by a scrape, by any other reader of
 :meth:`MetricFamily.snapshot`, or at the latest after :data:`FOLD_INTERVAL` by one
-daemon thread per process, which bounds the memory they take. Folding sorts
+thread per process while sigtrace is instrumented (:data:`FOLDER`), which
+bounds the memory they take. Folding sorts
 the batch and bisects it once per bucket bound.
 
 Values are the same in every deployment. Under a multi-process server each
@@ -37,9 +38,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from . import lifecycle
+
 __all__ = [
     "DEFAULT_BUCKETS",
     "DEFAULT_MAX_LABEL_VALUES",
+    "FOLDER",
     "FOLD_INTERVAL",
     "OVERFLOW_VALUE",
     "CounterChild",
@@ -374,48 +378,69 @@ class _FamiliesCollector(Collector):
 
 
 class _Folder:
-    """The process's daemon thread that folds every live MetricSet periodically."""
+    """Folds every live MetricSet each :data:`FOLD_INTERVAL` on one thread.
+
+    A :class:`~sigtrace.lifecycle.Component` (:data:`FOLDER`), running while
+    sigtrace is instrumented. In a forked child it also gives every set new
+    locks, whatever the mode: a parent's thread (this one, a scrape, the
+    OTLP pusher) may have held one at the fork, and the child would wait for
+    it forever. Outside multiprocess mode it also zeroes the values the child
+    copied, so that the child counts (and pushes over OTLP) only its own sends;
+    in multiprocess mode the publisher does that, after publishing what a
+    parent that never published recorded.
+    """
 
     def __init__(self) -> None:
         self._sets: weakref.WeakSet[MetricSet] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._pid = 0  # the process whose thread runs
+        self._thread = lifecycle.Periodic("sigtrace-fold", FOLD_INTERVAL, self.fold)
 
     def watch(self, metric_set: MetricSet) -> None:
-        with self._lock:
-            self._sets.add(metric_set)
-            if self._pid != os.getpid():
-                self._start()
+        self._sets.add(metric_set)
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        threading.Thread(target=self._run, name="sigtrace-fold", daemon=True).start()
+    def fold(self) -> None:
+        for metric_set in list(self._sets):
+            metric_set.fold()
 
-    def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(FOLD_INTERVAL)
-            for metric_set in list(self._sets):
-                try:
-                    metric_set.fold()
-                except Exception:  # pragma: no cover - folding only sorts and adds
-                    log.debug("sigtrace: folding failed", exc_info=True)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._thread.stop(timeout=_STOP_TIMEOUT, final=False)
 
     def after_fork_in_child(self) -> None:
-        """The thread did not survive the fork: start one for this process."""
-        self._lock = threading.Lock()
-        self._pid = 0
-        if len(self._sets):
-            self._start()
+        _by_registry.lock = threading.Lock()
+        sets = list(self._sets)
+        for metric_set in sets:
+            metric_set.new_locks()
+        if not multiprocess_mode():
+            for metric_set in sets:
+                metric_set.reset()
+        self._thread.start()  # the parent's thread does not run here
 
 
+_STOP_TIMEOUT = 5.0  # seconds; a fold only sorts and adds
 _folder = _Folder()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_folder.after_fork_in_child)
+FOLDER = lifecycle.Component(
+    "sigtrace-fold",
+    lifecycle.Order.METRICS,
+    start=_folder.start,
+    stop=_folder.stop,
+    after_fork_in_child=_folder.after_fork_in_child,
+)
+"""The fold thread and the metrics' fork handling, run while instrumented."""
 
 
-_sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = weakref.WeakKeyDictionary()
-_sets_lock = threading.Lock()
+class _SetsByRegistry:
+    """Each registry's MetricSet, created once; its lock is renewed in a forked child."""
+
+    def __init__(self) -> None:
+        self.sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.lock = threading.Lock()
+
+
+_by_registry = _SetsByRegistry()
 
 
 def metric_set(
@@ -428,9 +453,9 @@ def metric_set(
     Buckets and the label cap are those of the first call for a registry.
     """
     registry = prometheus_client.REGISTRY if registry is None else registry
-    with _sets_lock:
-        found = _sets.get(registry)
+    with _by_registry.lock:
+        found = _by_registry.sets.get(registry)
         if found is None:
             found = MetricSet(registry, buckets, max_label_values)
-            _sets[registry] = found
+            _by_registry.sets[registry] = found
         return found
