@@ -251,9 +251,12 @@ class OtlpMetricsPusher:
         resource: t.Any,
         interval: float,
         timeout: float,
+        new_exporter: t.Callable[[], t.Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.exporter = exporter
+        # A forked child builds its own: the parent's holds its connections.
+        self._new_exporter = new_exporter
         self.resource = resource
         self.interval = interval
         self.timeout = timeout
@@ -286,13 +289,20 @@ class OtlpMetricsPusher:
             log.warning("sigtrace: exporting metrics over OTLP failed", exc_info=True)
 
     def after_fork_in_child(self) -> None:
-        """A forked child exports its own values: new start time, new instance, new thread.
+        """A forked child exports its own values: new start time, new instance,
+        new exporter (the parent's keeps the parent's connections), new thread.
 
         The values it copied are zeroed before this runs (by the metrics'
         own fork handling, or the multiprocess publisher), so the child's
         cumulative series start from its own first send.
         """
         self._export_lock = threading.Lock()
+        if self._new_exporter is not None:
+            try:
+                self.exporter = self._new_exporter()
+            except Exception:  # it was built in the parent from the same environment
+                log.warning("sigtrace: a forked child cannot build its OTLP metric exporter; "
+                            "it uses its parent's", exc_info=True)  # fmt: skip
         self.start_ns = time.time_ns()
         self.resource = _with_instance_id(self.resource, fresh=True)
         self._thread.start()
@@ -371,7 +381,14 @@ def start(metrics: MetricSet, service_name: str | None) -> OtlpMetricsPusher | N
 
         base = sdk_resource(service_name) if service_name else Resource.create()
         resource = _with_instance_id(base)
-        pusher = OtlpMetricsPusher(metrics, exporter, resource, interval / 1000, timeout / 1000)
+        pusher = OtlpMetricsPusher(
+            metrics,
+            exporter,
+            resource,
+            interval / 1000,
+            timeout / 1000,
+            new_exporter=functools.partial(_exporter, protocol, environ),
+        )
         lifecycle.acquire(pusher.component)
         _running.pusher = pusher
         return pusher
