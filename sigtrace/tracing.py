@@ -276,7 +276,8 @@ def setup_sdk(
             return None
         if exporter is None and not console:
             return None
-        provider = TracerProvider(resource=sdk_resource(service_name))
+        # shut down by SDK's at_exit (sigtrace.lifecycle), with a deadline; not by its own hook
+        provider = TracerProvider(resource=sdk_resource(service_name), shutdown_on_exit=False)
         once = None
         if exporter is not None:
             once = _OnceShutdownExporter(exporter)
