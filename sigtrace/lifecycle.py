@@ -143,7 +143,8 @@ def release(component: Component) -> bool:
         if not _state.users and _state.exit_hooked:
             atexit.unregister(_at_exit)
             _state.exit_hooked = False
-    _call(component, "stop", component.stop)
+        # under the lock: an acquire racing this one starts it after this stop
+        _call(component, "stop", component.stop)
     return True
 
 
