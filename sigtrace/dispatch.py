@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import typing as t
 import weakref
 from collections.abc import Callable
@@ -94,7 +93,7 @@ class Active:
         self.anonymous: IdentityCache[tuple[SignalBinding, weakref.WeakSet[type]]] = IdentityCache()
 
 
-_lock = threading.RLock()
+_lock = lifecycle.ForkSafeLock(reentrant=True)  # a forked child gets a new one
 _active: Active | None = None
 _hooks: dict[int, RequestHooks] = {}  # id(signal) -> hooks; Flask's own signals only
 

@@ -147,7 +147,6 @@ class _Server:
             lifecycle.Order.SERVER,
             start=self._start,
             stop=self._stop,
-            after_fork_in_child=_new_table_lock,
         )
 
     def _start(self) -> None:
@@ -169,19 +168,8 @@ class _Server:
             self.thread.join(_STOP_TIMEOUT)
 
 
-class _Table:
-    """The lock over :data:`_servers`, renewed in a forked child."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-
-
 _servers: dict[tuple[str, int], _Server] = {}
-_table = _Table()
-
-
-def _new_table_lock() -> None:
-    _table.lock = threading.Lock()  # a parent's thread may have held it at the fork
+_servers_lock = lifecycle.ForkSafeLock()
 
 
 def start_server(
@@ -202,7 +190,7 @@ def start_server(
     started by the gunicorn master has none): :class:`ServerConflict` says so.
     Raises :class:`OSError` when the address cannot be bound.
     """
-    with _table.lock:
+    with _servers_lock:
         running = _servers.get((addr, port)) if port != 0 else None
         if running is not None:
             if running.token != token:
@@ -236,7 +224,7 @@ def stop_server(port: int, addr: str) -> None:
     """Release one :func:`start_server` of ``addr:port``; the last one stops it
     (in the process that started it; a forked child only closes its copy of
     the socket)."""
-    with _table.lock:
+    with _servers_lock:
         running = _servers.get((addr, port))
         if running is not None and lifecycle.release(running.component):
             del _servers[(addr, port)]

@@ -21,7 +21,6 @@ import functools
 import logging
 import os
 import re
-import threading
 import typing as t
 from contextvars import Token
 from time import perf_counter
@@ -305,7 +304,7 @@ class _RequestHookUsers:
     )
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = lifecycle.ForkSafeLock()
         self.users = 0
 
     def acquire(self) -> None:

@@ -5,6 +5,10 @@ what to do around a fork and at exit) and hand it to :func:`acquire`; the
 last :func:`release` of a component stops it. Nothing else in sigtrace starts
 a thread, registers a fork hook or an exit hook.
 
+* **Locks.** A :class:`ForkSafeLock` is renewed in a forked child: a
+  parent's thread may have held it at the fork, and the child, where that
+  thread does not run, would wait for it forever. (The metric values' many
+  small locks are renewed by :data:`sigtrace.metrics.FOLDER`.)
 * **Threads.** :func:`spawn` starts a named daemon thread; :class:`Periodic`
   runs a function every ``interval`` seconds on one, and stops it through an
   event (never a sleep).
@@ -21,7 +25,7 @@ a thread, registers a fork hook or an exit hook.
   reverse order.
 
 With no component running, sigtrace has no thread, and its fork hook (which
-Python cannot unregister) returns at once.
+Python cannot unregister) only renews the :class:`ForkSafeLock` s.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import os
 import sys
 import threading
 import typing as t
+import weakref
 from dataclasses import dataclass
 
 __all__ = [
     "Component",
+    "ForkSafeLock",
     "Order",
     "Periodic",
     "acquire",
@@ -91,6 +97,34 @@ class Component:
     at_exit: Action = _nothing
 
 
+class ForkSafeLock:
+    """A ``threading.Lock`` (or ``RLock``) that a forked child gets new.
+
+    ``with lock:``, ``acquire()`` and ``release()`` as the lock's own.
+    """
+
+    __slots__ = ("__weakref__", "_factory", "_lock", "acquire", "release")
+
+    def __init__(self, reentrant: bool = False) -> None:
+        self._factory: t.Callable[[], t.Any] = threading.RLock if reentrant else threading.Lock
+        self._renew()
+        _locks.add(self)
+
+    def _renew(self) -> None:
+        self._lock = self._factory()
+        self.acquire: t.Callable[..., bool] = self._lock.acquire
+        self.release: t.Callable[[], None] = self._lock.release
+
+    def __enter__(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_locks: weakref.WeakSet[ForkSafeLock] = weakref.WeakSet()
+
+
 class _Lifecycle:
     """The running components and their users; the one state of this module."""
 
@@ -102,8 +136,9 @@ class _Lifecycle:
         self.uwsgi_hooked = False
 
     def ordered(self, reverse: bool = False) -> list[Component]:
-        with self.lock:
-            return sorted(self.users, key=lambda c: c.order, reverse=reverse)
+        # Without the lock: the fork hook must not wait for a thread that
+        # holds it (list() copies the keys in one step under the GIL).
+        return sorted(list(self.users), key=lambda c: c.order, reverse=reverse)
 
 
 _state = _Lifecycle()
@@ -170,6 +205,8 @@ def _after_fork_in_child() -> None:
         return  # ran already in this process (Python's hook, then uWSGI's)
     _state.pid = os.getpid()
     _state.lock = threading.RLock()  # a parent's thread may have held it at the fork
+    for lock in list(_locks):
+        lock._renew()
     for component in _state.ordered():
         _call(component, "after_fork_in_child", component.after_fork_in_child)
 

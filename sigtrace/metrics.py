@@ -408,7 +408,6 @@ class _Folder:
         self._thread.stop(timeout=_STOP_TIMEOUT, final=False)
 
     def after_fork_in_child(self) -> None:
-        _by_registry.lock = threading.Lock()
         sets = list(self._sets)
         for metric_set in sets:
             metric_set.new_locks()
@@ -430,17 +429,8 @@ FOLDER = lifecycle.Component(
 """The fold thread and the metrics' fork handling, run while instrumented."""
 
 
-class _SetsByRegistry:
-    """Each registry's MetricSet, created once; its lock is renewed in a forked child."""
-
-    def __init__(self) -> None:
-        self.sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = (
-            weakref.WeakKeyDictionary()
-        )
-        self.lock = threading.Lock()
-
-
-_by_registry = _SetsByRegistry()
+_sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = weakref.WeakKeyDictionary()
+_sets_lock = lifecycle.ForkSafeLock()
 
 
 def metric_set(
@@ -453,9 +443,9 @@ def metric_set(
     Buckets and the label cap are those of the first call for a registry.
     """
     registry = prometheus_client.REGISTRY if registry is None else registry
-    with _by_registry.lock:
-        found = _by_registry.sets.get(registry)
+    with _sets_lock:
+        found = _sets.get(registry)
         if found is None:
             found = MetricSet(registry, buckets, max_label_values)
-            _by_registry.sets[registry] = found
+            _sets[registry] = found
         return found

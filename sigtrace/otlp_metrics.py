@@ -337,7 +337,7 @@ class _Running:
     """The process's one pusher, if any, and the lock that makes it one."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = lifecycle.ForkSafeLock()
         self.pusher: OtlpMetricsPusher | None = None
 
 

@@ -162,7 +162,7 @@ class _Sdk:
     """The provider sigtrace installed, if any, its exporter and log filters."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = lifecycle.ForkSafeLock()
         self.provider: t.Any = None
         self.exporter: _OnceShutdownExporter | None = None
         self.log_filters: list[tuple[logging.Logger, logging.Filter]] = []
@@ -409,7 +409,7 @@ class RateLimitFilter(logging.Filter):
     def __init__(self, interval: float = EXPORTER_LOG_INTERVAL) -> None:
         super().__init__()
         self.interval = interval
-        self._lock = threading.Lock()
+        self._lock = lifecycle.ForkSafeLock()
         self._last: dict[tuple[int, str], float] = {}
         self._held: dict[tuple[int, str], int] = {}
 
@@ -449,7 +449,7 @@ class _OnceShutdownExporter:
 
     def __init__(self, exporter: t.Any) -> None:
         self.exporter = exporter
-        self._lock = threading.Lock()
+        self._lock = lifecycle.ForkSafeLock()
         self._closed = False
 
     def export(self, spans: t.Any) -> t.Any:

@@ -82,7 +82,7 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
         from blinker import NamedSignal
         from prometheus_client import CollectorRegistry, generate_latest
         import sigtrace
-        from sigtrace import dispatch, metrics
+        from sigtrace import dispatch, faults, lifecycle, metrics
         """,
         WAIT_FOR_CHILD,
         """
@@ -94,8 +94,8 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
             work.send()
         metric_set = dispatch.active_metrics()
         metric_set.fold()
-        # every lock a scrape, a fold or a new label value takes
-        locks = [metrics._by_registry.lock]
+        # every lock a scrape, a fold, a first send or a new label value takes
+        locks = [lifecycle._state.lock, dispatch._lock, faults._lock, metrics._sets_lock]
         for family in metric_set.families:
             locks.append(family._lock)
             for _, child in family.children():
@@ -123,8 +123,9 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
             NamedSignal("new-in-child").send()  # a new label value: the family's lock
             metric_set.fold()
             scrape = generate_latest(registry).decode()
-            threads = sorted(t.name for t in threading.enumerate())
-            os.write(write, json.dumps({"scrape": scrape, "threads": threads}).encode())
+            report = {"scrape": scrape, "running": lifecycle.running()}
+            report["threads"] = sorted(t.name for t in threading.enumerate())
+            os.write(write, json.dumps(report).encode())
             os._exit(0)
         os.close(write)
         report = child_report(read, pid)
@@ -139,6 +140,7 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
     assert 'sigtrace_signal_sends_total{signal="forked-work"} 2.0' in report["scrape"]
     assert 'sigtrace_signal_sends_total{signal="new-in-child"} 1.0' in report["scrape"]
     assert "sigtrace-fold" in report["threads"]  # the child folds on its own thread
+    assert report["running"] == ["sigtrace-fold"]
     assert 'sigtrace_signal_sends_total{signal="forked-work"} 3.0' in report["parent_scrape"]
 
 
