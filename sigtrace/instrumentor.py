@@ -62,32 +62,30 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 if pusher is not None:
                     stops.append(functools.partial(otlp_metrics.stop, pusher))
                 if settings.metrics_port is not None:
-                    stops.append(self._serve(settings, kwargs.get("registry")))
+                    port = settings.metrics_port
+                    stops.append(self._serve(port, settings, kwargs.get("registry")))
         except BaseException:
             _undo(stops)
             raise
         self._stops = tuple(stops)
 
-    def _serve(self, settings: Settings, registry: t.Any) -> t.Callable[[], object]:
+    def _serve(self, port: int, settings: Settings, registry: t.Any) -> t.Callable[[], object]:
+        """Serve the metrics on ``port`` (SIGTRACE_METRICS_PORT); return what stops it."""
         from .exposition import ServerConflict, start_server, stop_server
 
-        assert settings.metrics_port is not None
         try:
-            port = start_server(
-                settings.metrics_port,
-                settings.metrics_addr,
-                registry,
-                token=settings.metrics_token,
+            bound = start_server(
+                port, settings.metrics_addr, registry, token=settings.metrics_token
             )
         except ServerConflict as error:
-            raise ConfigError(f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: {error}") from None
+            raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
         except OSError as error:
             raise ConfigError(
-                f"SIGTRACE_METRICS_PORT={settings.metrics_port!r}: cannot serve "
-                f"metrics on {settings.metrics_addr}:{settings.metrics_port} ({error})"
+                f"SIGTRACE_METRICS_PORT={port!r}: cannot serve "
+                f"metrics on {settings.metrics_addr}:{port} ({error})"
             ) from error
-        self._metrics_port = port
-        return functools.partial(stop_server, port, settings.metrics_addr)
+        self._metrics_port = bound
+        return functools.partial(stop_server, bound, settings.metrics_addr)
 
     def _uninstrument(self, **kwargs: t.Any) -> None:
         """Stop what :meth:`_instrument` started (its last user stops each thread)."""
