@@ -20,11 +20,22 @@ from tests.otlp_receiver import ReceivedPoint, running_receiver
 
 SCRIPT_TIMEOUT = 120.0  # seconds for a whole script; a hung child is reported sooner
 
-# Runs in a forked child's parent: wait for the child's one JSON line, or call it hung.
-WAIT_FOR_CHILD = """
-import json, os, select, time
+# ``in_child(work)`` forks; the child runs ``work()`` and sends back its JSON
+# report; the parent waits for it with a deadline, or calls the child hung.
+IN_CHILD = """
+import json, os, select, sys, time
 
-def child_report(read, pid, deadline=20.0):
+def in_child(work, graceful=False, deadline=20.0):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, json.dumps(work()).encode())
+        os.close(write)
+        if graceful:
+            sys.exit(0)  # exit hooks run
+        os._exit(0)
+    os.close(write)
     chunks = []
     end = time.monotonic() + deadline
     while True:
@@ -84,7 +95,7 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
         import sigtrace
         from sigtrace import dispatch, faults, lifecycle, metrics
         """,
-        WAIT_FOR_CHILD,
+        IN_CHILD,
         """
         registry = CollectorRegistry()
         sigtrace.instrument(registry=registry)
@@ -114,10 +125,7 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
         holder = threading.Thread(target=hold)
         holder.start()
         held.wait()
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
+        def child():
             work.send()
             work.send()
             NamedSignal("new-in-child").send()  # a new label value: the family's lock
@@ -125,10 +133,9 @@ def test_a_child_forked_while_a_thread_holds_every_metrics_lock_scrapes_and_fold
             scrape = generate_latest(registry).decode()
             report = {"scrape": scrape, "running": lifecycle.running()}
             report["threads"] = sorted(t.name for t in threading.enumerate())
-            os.write(write, json.dumps(report).encode())
-            os._exit(0)
-        os.close(write)
-        report = child_report(read, pid)
+            return report
+
+        report = in_child(child)
         release.set()
         holder.join()
         report["parent_scrape"] = generate_latest(registry).decode()
@@ -162,24 +169,19 @@ def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
             from blinker import NamedSignal
             from sigtrace.instrumentor import BlinkerInstrumentor
             """,
-            WAIT_FOR_CHILD,
+            IN_CHILD,
             """
             BlinkerInstrumentor().instrument()
             work = NamedSignal("pushed-work")
             work.connect(lambda sender: None, weak=False)
             for _ in range(3):
                 work.send()
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read)
+            def child():
                 work.send()
                 work.send()
-                os.write(write, b"{}")
-                os.close(write)
-                sys.exit(0)  # a graceful exit: the last push
-            os.close(write)
-            report = child_report(read, pid)
+                return {}
+
+            report = in_child(child, graceful=True)  # a graceful exit: the last push
             work.send()
             print(json.dumps(report))
             """,
@@ -205,7 +207,7 @@ def test_close_stops_every_thread_and_hook_init_app_started() -> None:
             import sigtrace
             from sigtrace import SigTrace
             """,
-            WAIT_FOR_CHILD,
+            IN_CHILD,
             SIGTRACE_THREADS,
             """
             blinker_send = blinker.Signal.send
@@ -232,14 +234,7 @@ def test_close_stops_every_thread_and_hook_init_app_started() -> None:
                 if sample.name.startswith("sigtrace_http_request")
             ]
             sigtrace.uninstrument()
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read)
-                os.write(write, json.dumps(sigtrace_threads()).encode())
-                os._exit(0)
-            os.close(write)
-            report["in_forked_child"] = child_report(read, pid)
+            report["in_forked_child"] = in_child(sigtrace_threads)
             report["after_uninstrument"] = sigtrace_threads()
             print(json.dumps(report))
             """,
