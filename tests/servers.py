@@ -265,10 +265,15 @@ def start_gunicorn(
     return server
 
 
-def start_uwsgi(tmp_path: Path, *options: str, **env: str) -> Server:
-    """uWSGI (master + workers) serving HTTP itself; returns once it answers."""
+def start_uwsgi(tmp_path: Path, *options: str, multiprocess: bool = True, **env: str) -> Server:
+    """uWSGI (master + workers) serving HTTP itself; returns once it answers.
+
+    ``multiprocess=False``: without ``PROMETHEUS_MULTIPROC_DIR``.
+    """
     prometheus_dir = tmp_path / "prometheus"
     prometheus_dir.mkdir()
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prometheus_dir)
     server = Server(
         [
             *(str(Path(sys.executable).with_name("uwsgi")), "--http-socket", "127.0.0.1:0"),
@@ -276,7 +281,7 @@ def start_uwsgi(tmp_path: Path, *options: str, **env: str) -> Server:
             *("--master", "--die-on-term", "--need-app", "--disable-logging"),
             *options,
         ],
-        clean_env(PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir), PYTHONPATH=str(REPO), **env),
+        clean_env(PYTHONPATH=str(REPO), **env),
         prometheus_dir,
     )
     try:

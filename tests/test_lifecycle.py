@@ -15,8 +15,10 @@ import subprocess
 import sys
 import textwrap
 import typing as t
+from pathlib import Path
 
 from tests.otlp_receiver import ReceivedPoint, running_receiver
+from tests.servers import BOOT_SIGNAL, SIGNAL, Server, start_uwsgi
 
 SCRIPT_TIMEOUT = 120.0  # seconds for a whole script; a hung child is reported sooner
 
@@ -193,6 +195,37 @@ def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
         assert not report.get("hung")
         pushed = _sends_by_instance(receiver.points, "pushed-work")
     assert sorted(pushed.values()) == [2.0, 4.0], pushed
+
+
+def test_uwsgi_workers_forked_from_c_push_only_their_own_sends_over_otlp(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """uWSGI imports the app (one boot send) in its master and forks workers
+    from C, where Python's fork hooks do not run: the workers still start from
+    zero. Without PROMETHEUS_MULTIPROC_DIR, each process pushes its own series."""
+    with running_receiver("http/protobuf") as receiver:
+        uwsgi = start_uwsgi(
+            tmp_path,
+            *("--processes", "2", "--enable-threads"),
+            multiprocess=False,
+            OTEL_METRICS_EXPORTER="otlp",
+            OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_METRIC_EXPORT_INTERVAL="200",
+        )
+        servers.append(uwsgi)
+        assert len(set(uwsgi.load(40, threads=4))) == 2
+
+        def pushed_every_signup(points: list[ReceivedPoint]) -> dict[str, float]:
+            signups = _sends_by_instance(points, SIGNAL)
+            return signups if sum(signups.values()) == 40 else {}
+
+        signups = receiver.wait_for_points(pushed_every_signup, 30.0, "every signup pushed")
+        boot = _sends_by_instance(receiver.points, BOOT_SIGNAL)
+    assert len([n for n in signups.values() if n]) == 2  # both workers pushed their own
+    # the master's one boot send, pushed by the master at most: no worker pushes it again
+    assert sum(boot[instance] for instance in signups if instance in boot) == 0, boot
+    assert sum(boot.values()) <= 1, boot
 
 
 def test_close_stops_every_thread_and_hook_init_app_started() -> None:
