@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import typing as t
 import weakref
 from collections.abc import Callable
@@ -31,11 +30,11 @@ from blinker import ANY, Signal
 from blinker.base import ANY_ID
 from opentelemetry.trace import Span
 
-from . import naming, tracing
+from . import lifecycle, naming, tracing
 from .bindings import RequestHooks, SignalBinding, records_signal, run_hook, unrecorded
 from .faults import internal_error
 from .identity import IdentityCache
-from .metrics import MetricSet, metric_set
+from .metrics import TALLIER, MetricSet, metric_set
 from .options import Options
 from .spans import SendSpans, SpanSettings
 from .version import __version__
@@ -94,7 +93,7 @@ class Active:
         self.anonymous: IdentityCache[tuple[SignalBinding, weakref.WeakSet[type]]] = IdentityCache()
 
 
-_lock = threading.RLock()
+_lock = lifecycle.ForkSafeLock(reentrant=True)  # a forked child gets a new one
 _active: Active | None = None
 _hooks: dict[int, RequestHooks] = {}  # id(signal) -> hooks; Flask's own signals only
 
@@ -386,6 +385,7 @@ def instrument(options: Options | None = None, /, **fields: t.Any) -> None:
         blinker_send = Signal.__dict__["send"]
         blinker_send_async = Signal.__dict__["send_async"]
         active = Active(options, blinker_send, blinker_send_async)
+        lifecycle.acquire(TALLIER)  # released by the last uninstrument()
         if _same_shape(blinker_send, send) and _same_shape(blinker_send_async, send_async):
             _blinker_functions.update(send=blinker_send, send_async=blinker_send_async)
             _active = active
@@ -420,6 +420,7 @@ def uninstrument() -> None:
             Signal.send = active.blinker_send  # type: ignore[method-assign]
             Signal.send_async = active.blinker_send_async  # type: ignore[method-assign]
         _active = None
+        lifecycle.release(TALLIER)
 
 
 def is_instrumented() -> bool:

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from prometheus_client.registry import Collector
 
-from . import multiprocess_directory, multiprocess_publisher
+from . import lifecycle, multiprocess_directory, multiprocess_publisher
 
 if t.TYPE_CHECKING:
     from .config import Settings
@@ -162,9 +162,8 @@ def _guarded_app(
     return app
 
 
-def _serve(
-    port: int, addr: str, registry: CollectorRegistry, token: str | None, check: Check | None
-) -> tuple[t.Any, threading.Thread]:
+def _bind(port: int, addr: str, registry: CollectorRegistry, token: str | None,
+          check: Check | None) -> t.Any:  # fmt: skip
     """What ``prometheus_client.start_http_server`` does, with a guarded app
     (it takes no app of ours): its threading WSGI server, IPv6 when ``addr`` is."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
@@ -172,30 +171,53 @@ def _serve(
     class Server(ThreadingWSGIServer):
         address_family = family
 
-    server = make_server(
+    return make_server(
         addr, port, _guarded_app(registry, token, check), Server, handler_class=_QuietHandler
     )
-    thread = threading.Thread(target=server.serve_forever, name="sigtrace-metrics", daemon=True)
-    thread.start()
-    return server, thread
 
 
 class _Server:
-    """A running exposition server, how it is guarded, its process and its users."""
+    """A bound exposition server, how it is guarded, and its process.
 
-    def __init__(
-        self, server: t.Any, thread: threading.Thread, token: str | None, check: Check | None
-    ) -> None:
+    Its :attr:`component` (run by :mod:`sigtrace.lifecycle`, which counts its
+    users) serves it on a ``sigtrace-metrics`` thread. In a forked child it is
+    the parent's: the child may reuse it (counted) but never shuts it down.
+    """
+
+    def __init__(self, server: t.Any, token: str | None, check: Check | None) -> None:
         self.server = server
-        self.thread = thread
         self.token = token
         self.check = check
         self.pid = os.getpid()
-        self.users = 1
+        self.thread: threading.Thread | None = None
+        self.component = lifecycle.Component(
+            f"sigtrace-metrics {server.server_address[0]}:{server.server_port}",
+            lifecycle.Order.SERVER,
+            start=self._start,
+            stop=self._stop,
+        )
+
+    def _start(self) -> None:
+        self.thread = lifecycle.spawn("sigtrace-metrics", self.server.serve_forever)
+
+    def _stop(self) -> None:
+        """Close the socket and join the serving thread.
+
+        A server inherited across fork is only forgotten: its thread runs in
+        the parent, and ``shutdown()`` here would wait forever for a loop that
+        is not running.
+        """
+        if self.pid != os.getpid():
+            self.server.socket.close()  # this process's copy of the fd only
+            return
+        self.server.shutdown()
+        self.server.server_close()
+        if self.thread is not None:
+            self.thread.join(_STOP_TIMEOUT)
 
 
 _servers: dict[tuple[str, int], _Server] = {}
-_servers_lock = threading.Lock()
+_servers_lock = lifecycle.ForkSafeLock()
 
 
 def start_server(
@@ -236,35 +258,24 @@ def start_server(
                     + ") cannot apply this app's metrics_auth; guard it with "
                     "SIGTRACE_METRICS_TOKEN instead"
                 )
-            running.users += 1
+            lifecycle.acquire(running.component)
             return port
-        server, thread = _serve(port, addr, exposition_registry(registry), token, check)
-        bound = int(server.server_port)
-        _servers[(addr, bound)] = _Server(server, thread, token, check)
+        running = _Server(_bind(port, addr, exposition_registry(registry), token, check),
+                          token, check)  # fmt: skip
+        lifecycle.acquire(running.component)  # serves it
+        bound = int(running.server.server_port)
+        _servers[(addr, bound)] = running
         return bound
 
 
 def stop_server(port: int, addr: str) -> None:
-    """Release one :func:`start_server` of ``addr:port``; the last one stops it.
-
-    Stopping closes the socket and joins the serving thread. A server inherited
-    across fork is only forgotten: its thread runs in the parent, and
-    ``shutdown()`` here would wait forever for a loop that is not running.
-    """
+    """Release one :func:`start_server` of ``addr:port``; the last one stops it
+    (in the process that started it; a forked child only closes its copy of
+    the socket)."""
     with _servers_lock:
         running = _servers.get((addr, port))
-        if running is None:
-            return
-        running.users -= 1
-        if running.users > 0:
-            return
-        del _servers[(addr, port)]
-    if running.pid != os.getpid():
-        running.server.socket.close()  # this process's copy of the fd only
-        return
-    running.server.shutdown()
-    running.server.server_close()
-    running.thread.join(_STOP_TIMEOUT)
+        if running is not None and lifecycle.release(running.component):
+            del _servers[(addr, port)]
 
 
 def start_configured_server(

@@ -17,9 +17,9 @@ the user's receivers and costs no receiver bookkeeping:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
-import threading
 import typing as t
 from contextvars import Token
 from time import perf_counter
@@ -44,7 +44,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import ExcludeList
 from prometheus_client import CollectorRegistry
 
-from . import dispatch, multiprocess_directory, multiprocess_publisher, tracing
+from . import dispatch, lifecycle, multiprocess_directory, multiprocess_publisher, tracing
 from .bindings import exemplar_of
 from .config import (
     ConfigError,
@@ -105,6 +105,13 @@ class _AppState:
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
         self.publisher: multiprocess_publisher.Publisher | None = None
         """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
+        self.stops: list[t.Callable[[], object]] = []
+        """What undoes each thing init_app started for this app, in start order."""
+
+    def stop(self) -> None:
+        """Undo what init_app started for this app, last first."""
+        while self.stops:
+            self.stops.pop()()
 
 
 def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
@@ -297,25 +304,45 @@ def _pop_record() -> _Request | None:
     return record
 
 
-_hooks_lock = threading.Lock()
-_hooks_installed = False
+class _RequestHookUsers:
+    """How many apps time their requests; the first installs the hooks, the last removes them."""
+
+    _SIGNALS = (
+        flask_signals.request_started,
+        flask_signals.request_finished,
+        flask_signals.got_request_exception,
+        flask_signals.request_tearing_down,
+    )
+
+    def __init__(self) -> None:
+        self.lock = lifecycle.ForkSafeLock()
+        self.users = 0
+
+    def acquire(self) -> None:
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            hooks = dispatch.RequestHooks
+            dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
+            dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
+            dispatch.set_hooks(
+                flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
+            )
+            dispatch.set_hooks(
+                flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
+            )
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users:
+                return
+            for signal in self._SIGNALS:
+                dispatch.set_hooks(signal, None)
 
 
-def _install_request_hooks() -> None:
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        hooks = dispatch.RequestHooks
-        dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
-        dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
-        dispatch.set_hooks(
-            flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
-        )
-        dispatch.set_hooks(
-            flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
-        )
-        _hooks_installed = True
+_request_hooks = _RequestHookUsers()
 
 
 MetricsAuth = t.Callable[[flask.Request], bool]
@@ -376,53 +403,60 @@ class SigTrace:
             multiprocess_publisher.check_at_init(path, settings.multiproc_allow_shared_dir)
         if settings.metrics and settings.metrics_path:
             check_route(app, "SIGTRACE_METRICS_PATH", settings.metrics_path)
-        metrics_port: int | None = None
         if settings.metrics and settings.metrics_port is not None:
             check_exposure(settings, self.metrics_auth is not None)
-            from .exposition import start_configured_server
-
-            metrics_port = start_configured_server(settings, self.registry, self.metrics_auth)
-        instrumented = False
+        undo: list[t.Callable[[], object]] = []
         try:
+            metrics_port: int | None = None
+            if settings.metrics and settings.metrics_port is not None:
+                from .exposition import start_configured_server, stop_server
+
+                metrics_port = start_configured_server(settings, self.registry, self.metrics_auth)
+                undo.append(functools.partial(stop_server, metrics_port, settings.metrics_addr))
             dispatch.instrument(settings.instrument_options(self.registry, self.tracer_provider))
-            instrumented = True
-            self._start(app, settings, exporters, metrics_port)
+            undo.append(dispatch.uninstrument)
+            metrics = None
+            if settings.metrics:
+                metrics = dispatch.active_metrics() or metric_set(
+                    self.registry, settings.buckets, settings.max_label_values
+                )
+            state = _AppState(self, settings, metrics)
+            state.stops = undo
+            state.metrics_port = metrics_port
+            self._start(app, state, exporters)
         except BaseException:
             app.extensions.pop("sigtrace", None)
-            if metrics_port is not None:
-                from .exposition import stop_server
-
-                stop_server(metrics_port, settings.metrics_addr)
-            if instrumented:
-                dispatch.uninstrument()
+            while undo:
+                undo.pop()()
             raise
+        from .cli import sigtrace_cli
+
+        app.cli.add_command(sigtrace_cli)
         self._apps.append(app)
 
-    def _start(
-        self,
-        app: flask.Flask,
-        settings: Settings,
-        exporters: tuple[str, ...],
-        metrics_port: int | None,
-    ) -> None:
-        """The rest of init_app, once blinker is patched (validated: nothing here is
-        expected to fail; init_app undoes the patch if it does). What cannot be
-        undone comes last: the SDK's global provider, then the app's route."""
-        metrics = None
-        if settings.metrics:
-            metrics = dispatch.active_metrics() or metric_set(
-                self.registry, settings.buckets, settings.max_label_values
-            )
-        state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
-        state.metrics_port = metrics_port
+    def _start(self, app: flask.Flask, state: _AppState, exporters: tuple[str, ...]) -> None:
+        """The rest of init_app, once blinker is patched; each start adds its undo to
+        ``state.stops`` (validated: nothing here is expected to fail; init_app undoes
+        it all if it does). What cannot be undone comes last: the SDK's global
+        provider, then the app's route."""
+        settings, metrics = state.settings, state.metrics
         if metrics is not None:
             state.publisher = multiprocess_publisher.attach(metrics, settings.publish_interval)
             from . import otlp_metrics
 
-            otlp_metrics.start(metrics, app.name)  # only with OTEL_METRICS_EXPORTER=otlp
-        _install_request_hooks()
+            pusher = otlp_metrics.start(metrics, app.name)  # with OTEL_METRICS_EXPORTER=otlp
+            if pusher is not None:
+                state.stops.append(functools.partial(otlp_metrics.stop, pusher))
+        app.extensions["sigtrace"] = state
+        _request_hooks.acquire()
+        state.stops.append(_request_hooks.release)
         if settings.tracing and self.tracer_provider is None:
-            _setup_exporter(app, settings, exporters)
+            installed = _setup_exporter(app, settings, exporters)
+            sdk = tracing.sdk_component()
+            if sdk is not None:  # sigtrace's provider: this app is one of its users
+                if not installed:
+                    lifecycle.acquire(sdk)
+                state.stops.append(functools.partial(lifecycle.release, sdk))
         _log_if_nothing_samples(settings, exporters, self.tracer_provider)
         if settings.metrics and settings.metrics_path:
             add_route(
@@ -432,9 +466,6 @@ class SigTrace:
                 _METRICS_ENDPOINT,
                 self._metrics_view,
             )
-        from .cli import sigtrace_cli
-
-        app.cli.add_command(sigtrace_cli)
 
     def _metrics_view(self) -> flask.Response:
         state: _AppState = flask.current_app.extensions["sigtrace"]
@@ -453,14 +484,16 @@ class SigTrace:
         return flask.Response(body, 200, {"Content-Type": content_type})
 
     def close(self) -> None:
-        """Undo this extension's instrumentation (tests, app shutdown)."""
+        """Undo this extension's instrumentation (tests, app shutdown).
+
+        Stops what :meth:`init_app` started: the last user of each (another
+        app, ``BlinkerInstrumentor``) stops the thread, server or exporter,
+        removes the request hooks and restores blinker's ``send``.
+        """
         for app in self._apps:
             state = app.extensions.pop("sigtrace", None)
-            if state is not None and state.metrics_port is not None:
-                from .exposition import stop_server
-
-                stop_server(state.metrics_port, state.settings.metrics_addr)
-            dispatch.uninstrument()
+            if state is not None:
+                state.stop()  # the last undo is dispatch.uninstrument()
         self._apps.clear()
 
 
@@ -494,17 +527,22 @@ def _log_if_nothing_samples(
     )
 
 
-def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> None:
-    """OTEL_TRACES_EXPORTER when set; else OTLP when an endpoint is, else the console if asked."""
+def _setup_exporter(app: flask.Flask, settings: Settings, exporters: tuple[str, ...]) -> bool:
+    """OTEL_TRACES_EXPORTER when set; else OTLP when an endpoint is, else the console if asked.
+
+    True when this call installed sigtrace's SDK provider.
+    """
+    provider = None
     if exporters:
         if "none" not in exporters:
-            tracing.setup_sdk(
+            provider = tracing.setup_sdk(
                 app.name,
                 endpoint=settings.otlp_endpoint,
                 console="console" in exporters,
                 otlp="otlp" in exporters,
             )
     elif tracing.otlp_endpoint_configured(settings.otlp_endpoint):
-        tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
+        provider = tracing.setup_sdk(app.name, endpoint=settings.otlp_endpoint)
     elif settings.console_spans:
-        tracing.setup_sdk(app.name, console=True)
+        provider = tracing.setup_sdk(app.name, console=True)
+    return provider is not None

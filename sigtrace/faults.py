@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import threading
+
+from .lifecycle import ForkSafeLock
 
 __all__ = ["internal_error"]
 
 log = logging.getLogger("sigtrace")
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _logged: set[str] = set()
 
 

@@ -19,6 +19,7 @@ calls ``SigTrace(app)``.
 
 from __future__ import annotations
 
+import functools
 import typing as t
 from collections.abc import Collection
 
@@ -42,44 +43,47 @@ class BlinkerInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     prometheus-client's global registry).
     """
 
-    _metrics_port: int | None = None
-    _metrics_addr: str = "127.0.0.1"
+    _metrics_port: int | None = None  # the bound SIGTRACE_METRICS_PORT, for tests
+    _stops: tuple[t.Callable[[], object], ...] = ()  # what undoes each start, in start order
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
 
     def _instrument(self, **kwargs: t.Any) -> None:
+        """Check every setting first, then start: a failure undoes what started."""
         settings = load_settings({})
         check_environment()
-        port: int | None = None
+        stops: list[t.Callable[[], object]] = []
         if settings.metrics and settings.metrics_port is not None:
-            from .exposition import start_configured_server
+            from .exposition import start_configured_server, stop_server
 
             check_exposure(settings, metrics_auth=False)
             port = start_configured_server(settings, kwargs.get("registry"))
-            self._metrics_port, self._metrics_addr = port, settings.metrics_addr
-        instrumented = False
+            stops.append(functools.partial(stop_server, port, settings.metrics_addr))
+            self._metrics_port = port
         try:
             dispatch.instrument(
                 settings.instrument_options(kwargs.get("registry"), kwargs.get("tracer_provider"))
             )
-            instrumented = True
+            stops.append(dispatch.uninstrument)
             metrics = dispatch.active_metrics() if settings.metrics else None
             if metrics is not None:
-                otlp_metrics.start(metrics, None)  # only with OTEL_METRICS_EXPORTER=otlp
+                pusher = otlp_metrics.start(metrics, None)  # with OTEL_METRICS_EXPORTER=otlp
+                if pusher is not None:
+                    stops.append(functools.partial(otlp_metrics.stop, pusher))
         except BaseException:
-            self._stop_server()
-            if instrumented:
-                dispatch.uninstrument()
-            raise
-
-    def _stop_server(self) -> None:
-        if self._metrics_port is not None:
-            from .exposition import stop_server
-
-            stop_server(self._metrics_port, self._metrics_addr)
             self._metrics_port = None
+            _undo(stops)
+            raise
+        self._stops = tuple(stops)
 
     def _uninstrument(self, **kwargs: t.Any) -> None:
-        self._stop_server()
-        dispatch.uninstrument()
+        """Stop what :meth:`_instrument` started (its last user stops each thread)."""
+        stops, self._stops = self._stops, ()
+        self._metrics_port = None
+        _undo(list(stops))
+
+
+def _undo(stops: list[t.Callable[[], object]]) -> None:
+    while stops:
+        stops.pop()()

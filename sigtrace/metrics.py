@@ -10,8 +10,9 @@ classes still do the exposition (:class:`prometheus_client.registry.Collector`).
 A histogram's recorded values wait in their list until they are *tallied*
 into bucket counts and a sum: by a scrape, by any other caller of
 :meth:`MetricFamily.tally_samples`, or at the latest after :data:`TALLY_INTERVAL`
-by one daemon thread per process, which bounds the memory they take. Tallying
-sorts the batch and bisects it once per bucket bound.
+by one thread per process while sigtrace is instrumented (:data:`TALLIER`),
+which bounds the memory they take. Tallying sorts the batch and bisects it
+once per bucket bound.
 
 Values are the same in every deployment. Under a multi-process server each
 process keeps its own, :mod:`sigtrace.multiprocess_publisher` publishes them and
@@ -37,9 +38,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from . import lifecycle
+
 __all__ = [
     "DEFAULT_BUCKETS",
     "DEFAULT_MAX_LABEL_VALUES",
+    "TALLIER",
     "TALLY_INTERVAL",
     "OVERFLOW_VALUE",
     "CounterChild",
@@ -394,48 +398,59 @@ class _FamiliesCollector(Collector):
 
 
 class _Tallier:
-    """The process's daemon thread that tallies every live MetricSet periodically."""
+    """Tallies every live MetricSet each :data:`TALLY_INTERVAL` on one thread.
+
+    A :class:`~sigtrace.lifecycle.Component` (:data:`TALLIER`), running while
+    sigtrace is instrumented. In a forked child it also gives every set new
+    locks, whatever the mode: a parent's thread (this one, a scrape, the
+    OTLP pusher) may have held one at the fork, and the child would wait for
+    it forever. Outside multiprocess mode it also zeroes the values the child
+    copied, so that the child counts (and pushes over OTLP) only its own sends;
+    in multiprocess mode the publisher does that, after publishing what a
+    parent that never published recorded.
+    """
 
     def __init__(self) -> None:
         self._sets: weakref.WeakSet[MetricSet] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._pid = 0  # the process whose thread runs
+        self._thread = lifecycle.Periodic("sigtrace-tally", TALLY_INTERVAL, self.tally)
 
     def watch(self, metric_set: MetricSet) -> None:
-        with self._lock:
-            self._sets.add(metric_set)
-            if self._pid != os.getpid():
-                self._start()
+        self._sets.add(metric_set)
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        threading.Thread(target=self._run, name="sigtrace-tally", daemon=True).start()
+    def tally(self) -> None:
+        for metric_set in list(self._sets):
+            metric_set.tally()
 
-    def _run(self) -> None:
-        pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(TALLY_INTERVAL)
-            for metric_set in list(self._sets):
-                try:
-                    metric_set.tally()
-                except Exception:  # pragma: no cover - tallying only sorts and adds
-                    log.debug("sigtrace: tallying failed", exc_info=True)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._thread.stop(timeout=_STOP_TIMEOUT, final=False)
 
     def after_fork_in_child(self) -> None:
-        """The thread did not survive the fork: start one for this process."""
-        self._lock = threading.Lock()
-        self._pid = 0
-        if len(self._sets):
-            self._start()
+        sets = list(self._sets)
+        for metric_set in sets:
+            metric_set.new_locks()
+        if not multiprocess_mode():
+            for metric_set in sets:
+                metric_set.reset()
+        self._thread.start()  # the parent's thread does not run here
 
 
+_STOP_TIMEOUT = 5.0  # seconds; a tally only sorts and adds
 _tallier = _Tallier()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_tallier.after_fork_in_child)
+TALLIER = lifecycle.Component(
+    "sigtrace-tally",
+    lifecycle.Order.METRICS,
+    start=_tallier.start,
+    stop=_tallier.stop,
+    after_fork_in_child=_tallier.after_fork_in_child,
+)
+"""The tally thread and the metrics' fork handling, run while instrumented."""
 
 
 _sets: weakref.WeakKeyDictionary[CollectorRegistry, MetricSet] = weakref.WeakKeyDictionary()
-_sets_lock = threading.Lock()
+_sets_lock = lifecycle.ForkSafeLock()
 
 
 def metric_set(

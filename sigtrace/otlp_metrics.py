@@ -17,13 +17,13 @@ Why not the SDK's ``PeriodicExportingMetricReader``: the Python SDK (1.45) has
 no ``MetricProducer``, and a reader collects only through a ``MeterProvider``'s
 instruments (``MetricReader.collect`` is final). These values are not SDK
 instruments, so the schedule (one thread, the interval, a last export at exit,
-a new thread after fork) is written here; protocol, endpoint, headers,
-compression, TLS, timeouts and retries are the OTLP exporters' own.
+a new thread after fork) is written here, run by :mod:`sigtrace.lifecycle`;
+protocol, endpoint, headers, compression, TLS, timeouts and retries are the
+OTLP exporters' own.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import math
@@ -34,6 +34,7 @@ import typing as t
 import uuid
 from collections.abc import Mapping
 
+from . import lifecycle
 from .config import ConfigError
 from .metrics import HistogramValue, MetricSet
 from .version import __version__
@@ -43,8 +44,8 @@ __all__ = [
     "OtlpMetricsPusher",
     "metrics_data",
     "otlp_requested",
-    "shutdown",
     "start",
+    "stop",
 ]
 
 log = logging.getLogger("sigtrace")
@@ -240,7 +241,11 @@ def _exemplars(exemplars: t.Sequence[t.Any]) -> list[t.Any]:
 
 
 class OtlpMetricsPusher:
-    """One thread exporting :func:`metrics_data` every ``interval`` seconds."""
+    """Exports :func:`metrics_data` every ``interval`` seconds on one thread.
+
+    Its :attr:`component` is what :mod:`sigtrace.lifecycle` starts, stops,
+    restarts in a forked child and stops at exit (with one last export).
+    """
 
     def __init__(
         self,
@@ -249,29 +254,32 @@ class OtlpMetricsPusher:
         resource: t.Any,
         interval: float,
         timeout: float,
+        new_exporter: t.Callable[[], t.Any] | None = None,
     ) -> None:
         self.metrics = metrics
         self.exporter = exporter
+        # A forked child builds its own: the parent's holds its connections.
+        self._new_exporter = new_exporter
         self.resource = resource
         self.interval = interval
         self.timeout = timeout
         self.start_ns = time.time_ns()
-        self._stop = threading.Event()
-        self._last_export = True
         self._export_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        # The last export runs on the pusher's own thread: Python 3.12 starts none at exit.
+        self._thread = lifecycle.Periodic(
+            "sigtrace-otlp-metrics", interval, self.export, final=self._last_export
+        )
+        self.component = lifecycle.Component(
+            "sigtrace-otlp-metrics",
+            lifecycle.Order.OTLP_METRICS,
+            start=self._thread.start,
+            stop=self.stop,
+            after_fork_in_child=self.after_fork_in_child,
+            at_exit=self.stop,
+        )
 
-    def start(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sigtrace-otlp-metrics")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.export()
-        if self._last_export:  # on this thread: Python 3.12 starts none at exit
-            self.export(timeout=EXIT_EXPORT_SECONDS)
+    def _last_export(self) -> None:
+        self.export(timeout=EXIT_EXPORT_SECONDS)
 
     def export(self, timeout: float | None = None) -> None:
         """Export the current values once; failures are logged, never raised."""
@@ -284,22 +292,28 @@ class OtlpMetricsPusher:
             log.warning("sigtrace: exporting metrics over OTLP failed", exc_info=True)
 
     def after_fork_in_child(self) -> None:
-        """A forked child exports its own values: new start time, new instance, new thread."""
+        """A forked child exports its own values: new start time, new instance,
+        new exporter (the parent's keeps the parent's connections), new thread.
+
+        The values it copied are zeroed before this runs (by the metrics'
+        own fork handling, or the multiprocess publisher), so the child's
+        cumulative series start from its own first send.
+        """
         self._export_lock = threading.Lock()
+        if self._new_exporter is not None:
+            try:
+                self.exporter = self._new_exporter()
+            except Exception:  # it was built in the parent from the same environment
+                log.warning("sigtrace: a forked child cannot build its OTLP metric exporter; "
+                            "it uses its parent's", exc_info=True)  # fmt: skip
         self.start_ns = time.time_ns()
         self.resource = _with_instance_id(self.resource, fresh=True)
-        self.start()
+        self._thread.start()
 
     def stop(self, last_export: bool = True) -> None:
         """Stop the thread; export once more (at most :data:`EXIT_EXPORT_SECONDS`)."""
-        self._last_export = last_export
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            # It exports the last values itself; it may be mid-export to a dead collector.
-            thread.join(timeout=2 * EXIT_EXPORT_SECONDS)
-        elif last_export:
-            self.export(timeout=EXIT_EXPORT_SECONDS)
+        # The thread may be mid-export to a dead collector: wait for both exports.
+        self._thread.stop(timeout=2 * EXIT_EXPORT_SECONDS, final=last_export)
         try:
             self.exporter.shutdown(timeout_millis=EXIT_EXPORT_SECONDS * 1000)
         except Exception:
@@ -322,9 +336,15 @@ def _with_instance_id(resource: t.Any, fresh: bool = False) -> t.Any:
     return resource.merge(Resource({key: str(uuid.uuid4())}))
 
 
-_lock = threading.Lock()
-_pusher: OtlpMetricsPusher | None = None
-_fork_hook_registered = False
+class _Running:
+    """The process's one pusher, if any, and the lock that makes it one."""
+
+    def __init__(self) -> None:
+        self.lock = lifecycle.ForkSafeLock()
+        self.pusher: OtlpMetricsPusher | None = None
+
+
+_running = _Running()
 
 
 def start(metrics: MetricSet, service_name: str | None) -> OtlpMetricsPusher | None:
@@ -333,18 +353,19 @@ def start(metrics: MetricSet, service_name: str | None) -> OtlpMetricsPusher | N
     ``service_name`` (the Flask app's name) is used when ``OTEL_SERVICE_NAME`` and
     ``OTEL_RESOURCE_ATTRIBUTES`` name none; None keeps the SDK's resource as is.
 
-    Once per process (later calls return the running pusher). Returns None and
-    starts nothing without the variable. Raises :class:`ConfigError` for a bad
-    protocol, interval or timeout; an exporter that cannot be built from the
-    environment is logged as an error and nothing is pushed.
+    One pusher per process, counted: each call that returns one must be
+    matched by one :func:`stop`. Returns None and starts nothing without the
+    variable. Raises :class:`ConfigError` for a bad protocol, interval or
+    timeout; an exporter that cannot be built from the environment is logged
+    as an error and nothing is pushed.
     """
-    global _pusher, _fork_hook_registered
     environ = os.environ
     if not otlp_requested(environ):
         return None
-    with _lock:
-        if _pusher is not None:
-            return _pusher
+    with _running.lock:
+        if _running.pusher is not None:
+            lifecycle.acquire(_running.pusher.component)
+            return _running.pusher
         protocol = _protocol(environ)
         interval = _milliseconds(environ, "OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_INTERVAL_MS)
         timeout = _milliseconds(environ, "OTEL_METRIC_EXPORT_TIMEOUT", DEFAULT_TIMEOUT_MS)
@@ -363,25 +384,22 @@ def start(metrics: MetricSet, service_name: str | None) -> OtlpMetricsPusher | N
 
         base = sdk_resource(service_name) if service_name else Resource.create()
         resource = _with_instance_id(base)
-        pusher = OtlpMetricsPusher(metrics, exporter, resource, interval / 1000, timeout / 1000)
-        pusher.start()
-        _pusher = pusher
-        if not _fork_hook_registered:
-            os.register_at_fork(after_in_child=_after_fork_in_child)
-            atexit.register(shutdown)
-            _fork_hook_registered = True
+        pusher = OtlpMetricsPusher(
+            metrics,
+            exporter,
+            resource,
+            interval / 1000,
+            timeout / 1000,
+            new_exporter=functools.partial(_exporter, protocol, environ),
+        )
+        lifecycle.acquire(pusher.component)
+        _running.pusher = pusher
         return pusher
 
 
-def _after_fork_in_child() -> None:
-    if _pusher is not None:
-        _pusher.after_fork_in_child()
-
-
-def shutdown() -> None:
-    """Stop pushing after one last export (runs at exit; again does nothing)."""
-    global _pusher
-    with _lock:
-        pusher, _pusher = _pusher, None
-    if pusher is not None:
-        pusher.stop()
+def stop(pusher: OtlpMetricsPusher) -> None:
+    """Undo one :func:`start` that returned ``pusher``; the last one stops it
+    after one last export (at exit, :mod:`sigtrace.lifecycle` stops it)."""
+    with _running.lock:
+        if lifecycle.release(pusher.component) and _running.pusher is pusher:
+            _running.pusher = None

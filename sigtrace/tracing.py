@@ -6,7 +6,6 @@ exporters and the tests agree on one spelling.
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import logging
 import os
@@ -21,6 +20,7 @@ from opentelemetry.semconv.attributes.code_attributes import CODE_FUNCTION_NAME
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
+from . import lifecycle
 from .version import __version__
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "current_context",
     "mark_error",
     "recording_parent",
+    "sdk_component",
     "setup_sdk",
 ]
 
@@ -156,10 +157,18 @@ EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.common.http",
 )
 
-_sdk_lock = threading.Lock()
-_sdk_provider: t.Any = None
-_sdk_exporter: _OnceShutdownExporter | None = None
-_log_filters: list[tuple[logging.Logger, logging.Filter]] = []
+
+class _Sdk:
+    """The provider sigtrace installed, if any, its exporter and log filters."""
+
+    def __init__(self) -> None:
+        self.lock = lifecycle.ForkSafeLock()
+        self.provider: t.Any = None
+        self.exporter: _OnceShutdownExporter | None = None
+        self.log_filters: list[tuple[logging.Logger, logging.Filter]] = []
+
+
+_sdk = _Sdk()
 
 
 def otlp_endpoint_configured(own_endpoint: str | None = None) -> bool:
@@ -242,13 +251,16 @@ def setup_sdk(
     blocks a request; its failures are logged at most once a minute per
     message. At exit the last spans are flushed, waiting at most
     :data:`EXIT_FLUSH_SECONDS`.
+
+    The provider is a :mod:`sigtrace.lifecycle` component (:func:`sdk_component`)
+    with one user, this call: its last release (or the exit) flushes the spans
+    and shuts the provider down.
     """
-    global _sdk_provider, _sdk_exporter
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    with _sdk_lock:
-        if _sdk_provider is not None or user_configured_provider() or sdk_disabled():
+    with _sdk.lock:
+        if _sdk.provider is not None or user_configured_provider() or sdk_disabled():
             return None
         use_otlp = not console if otlp is None else otlp
         try:
@@ -262,7 +274,12 @@ def setup_sdk(
             return None
         if exporter is None and not console:
             return None
-        provider = TracerProvider(resource=sdk_resource(service_name), span_limits=_span_limits())
+        # shut down by SDK's at_exit (sigtrace.lifecycle), with a deadline; not by its own hook
+        provider = TracerProvider(
+            resource=sdk_resource(service_name),
+            span_limits=_span_limits(),
+            shutdown_on_exit=False,
+        )
         once = None
         batch = _batch_options()
         if exporter is not None:
@@ -272,12 +289,16 @@ def setup_sdk(
         if console:
             provider.add_span_processor(BatchSpanProcessor(_console_exporter(), **batch))
         trace.set_tracer_provider(provider)
-        _sdk_provider, _sdk_exporter = provider, once
+        _sdk.provider, _sdk.exporter = provider, once
         if once is not None:
             _limit_exporter_logs()
-        _exit_deadline.ready()
-        atexit.register(shutdown_sdk)
+        lifecycle.acquire(SDK)
         return provider
+
+
+def sdk_component() -> lifecycle.Component | None:
+    """The lifecycle component of the provider sigtrace installed, if it did."""
+    return SDK if _sdk.provider is not None else None
 
 
 _SPAN_LIMITS = {
@@ -382,7 +403,7 @@ class RateLimitFilter(logging.Filter):
     def __init__(self, interval: float = EXPORTER_LOG_INTERVAL) -> None:
         super().__init__()
         self.interval = interval
-        self._lock = threading.Lock()
+        self._lock = lifecycle.ForkSafeLock()
         self._last: dict[tuple[int, str], float] = {}
         self._held: dict[tuple[int, str], int] = {}
 
@@ -410,7 +431,7 @@ def _limit_exporter_logs() -> None:
         logger = logging.getLogger(name)
         log_filter = RateLimitFilter()
         logger.addFilter(log_filter)
-        _log_filters.append((logger, log_filter))
+        _sdk.log_filters.append((logger, log_filter))
 
 
 class _OnceShutdownExporter:
@@ -422,7 +443,7 @@ class _OnceShutdownExporter:
 
     def __init__(self, exporter: t.Any) -> None:
         self.exporter = exporter
-        self._lock = threading.Lock()
+        self._lock = lifecycle.ForkSafeLock()
         self._closed = False
 
     def export(self, spans: t.Any) -> t.Any:
@@ -443,15 +464,14 @@ def shutdown_sdk() -> None:
     """Flush and shut down the provider sigtrace installed, if any.
 
     Waits at most :data:`EXIT_FLUSH_SECONDS` for the last export, then stops
-    the exporter (aborting its retries). Runs at exit; calling it again does
-    nothing.
+    the exporter (aborting its retries). Runs at exit and at the last release
+    of :func:`sdk_component`; calling it again does nothing.
     """
-    global _sdk_provider, _sdk_exporter
-    with _sdk_lock:
-        provider, _sdk_provider = _sdk_provider, None
-        exporter, _sdk_exporter = _sdk_exporter, None
-        filters = list(_log_filters)
-        _log_filters.clear()
+    with _sdk.lock:
+        provider, _sdk.provider = _sdk.provider, None
+        exporter, _sdk.exporter = _sdk.exporter, None
+        filters = list(_sdk.log_filters)
+        _sdk.log_filters.clear()
     if provider is not None:
         _exit_deadline.arm(exporter.shutdown if exporter else _noop)
         try:
@@ -469,9 +489,9 @@ def _noop() -> None:
 class _ExitDeadline:
     """Calls an action :data:`EXIT_FLUSH_SECONDS` after :meth:`arm` unless disarmed.
 
-    Its thread is started ahead of time (and again in a forked child), since
-    Python 3.12 refuses to start a thread in an ``atexit`` hook, where the
-    flush runs.
+    Its thread is started ahead of time (by :data:`SDK`'s start, and again in
+    a forked child), since Python 3.12 refuses to start a thread in an
+    ``atexit`` hook, where the flush runs. Disarming ends it.
     """
 
     def __init__(self) -> None:
@@ -483,10 +503,7 @@ class _ExitDeadline:
     def ready(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._armed, self._disarmed = threading.Event(), threading.Event()
-            self._thread = threading.Thread(
-                target=self._run, name="sigtrace-exit-deadline", daemon=True
-            )
-            self._thread.start()
+            self._thread = lifecycle.spawn("sigtrace-exit-deadline", self._run)
 
     def _run(self) -> None:
         self._armed.wait()
@@ -507,13 +524,24 @@ class _ExitDeadline:
 
     def disarm(self) -> None:
         self._disarmed.set()
+        self._armed.set()  # a thread never armed ends too
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(EXIT_FLUSH_SECONDS)
 
     def after_fork_in_child(self) -> None:
-        self._thread = None
-        if _sdk_provider is not None:
+        self._thread = None  # the parent's does not run here
+        if _sdk.provider is not None:
             self.ready()
 
 
 _exit_deadline = _ExitDeadline()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_exit_deadline.after_fork_in_child)
+SDK = lifecycle.Component(
+    "sigtrace-tracer-provider",
+    lifecycle.Order.TRACING,
+    start=_exit_deadline.ready,
+    stop=shutdown_sdk,
+    after_fork_in_child=_exit_deadline.after_fork_in_child,
+    at_exit=shutdown_sdk,
+)
+"""The SDK provider sigtrace installed: its exit deadline thread, its flush at exit."""

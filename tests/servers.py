@@ -277,12 +277,21 @@ def start_gunicorn(
 
 
 def start_uwsgi(
-    tmp_path: Path, *options: str, prometheus_dir: Path | None = None, **env: str
+    tmp_path: Path,
+    *options: str,
+    prometheus_dir: Path | None = None,
+    multiprocess: bool = True,
+    **env: str,
 ) -> Server:
-    """uWSGI (master + workers) serving HTTP itself; returns once it answers."""
+    """uWSGI (master + workers) serving HTTP itself; returns once it answers.
+
+    ``multiprocess=False``: without ``PROMETHEUS_MULTIPROC_DIR``.
+    """
     if prometheus_dir is None:
         prometheus_dir = tmp_path / "prometheus"
         prometheus_dir.mkdir()
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(prometheus_dir)
     server = Server(
         [
             *(str(Path(sys.executable).with_name("uwsgi")), "--http-socket", "127.0.0.1:0"),
@@ -290,7 +299,7 @@ def start_uwsgi(
             *("--master", "--die-on-term", "--need-app", "--disable-logging"),
             *options,
         ],
-        clean_env(PROMETHEUS_MULTIPROC_DIR=str(prometheus_dir), PYTHONPATH=str(REPO), **env),
+        clean_env(PYTHONPATH=str(REPO), **env),
         prometheus_dir,
     )
     try:
