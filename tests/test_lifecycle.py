@@ -321,7 +321,7 @@ def test_the_last_uninstrument_of_the_instrumentor_stops_its_threads() -> None:
             SIGTRACE_METRICS_PORT="0",
         )
         exports = len(receiver.metric_headers)
-    assert report["running"] == ["sigtrace-tally", "sigtrace-metrics", "sigtrace-otlp-metrics"]
+    assert report["running"] == ["sigtrace-metrics", "sigtrace-otlp-metrics", "sigtrace-tally"]
     assert report["after"] == []
     assert report["blinker_send"] is True
     assert exports == 1  # the last export, at uninstrument; none at exit

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import sigtrace
-from sigtrace import ConfigError, SigTrace, dispatch, exposition, otlp_metrics, tracing
+from sigtrace import ConfigError, SigTrace, dispatch, exposition, tracing
 from sigtrace.config import KEYS, OTEL_KEYS, check_environment
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -51,7 +51,8 @@ BAD: dict[str, list[object]] = {
     "SIGTRACE_MAX_LABEL_VALUES": ["0", 1.5],
     "SIGTRACE_OTLP_ENDPOINT": ["not a url", "localhost:4317"],
     "SIGTRACE_CONSOLE_SPANS": ["maybe"],
-    "SIGTRACE_PUBLISH_INTERVAL": ["0", "-1", "soon"],
+    "SIGTRACE_PUBLISH_INTERVAL": ["0", "-1", "soon", "0.001", "1e-9", "3600"],
+    "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": ["maybe"],
     "OTEL_SDK_DISABLED": ["yes please"],
     "OTEL_TRACES_EXPORTER": ["zipkin", "none,otlp"],
     "OTEL_METRICS_EXPORTER": ["banana"],
@@ -132,7 +133,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
             monkeypatch.delenv(key)
     assert not tracing.user_configured_provider()
     yield monkeypatch
-    otlp_metrics.shutdown()
     assert not tracing.user_configured_provider(), "the walk set up the SDK"
 
 
