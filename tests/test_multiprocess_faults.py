@@ -544,3 +544,27 @@ def test_the_cli_reads_a_directory_full_of_bad_entries(mpdir: Path) -> None:
     signals = {s["name"]: s for s in json.loads(done.stdout)["signals"]}
     assert signals["gunicorn-signup"]["sends"] == 5
     assert "invalid_document" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gunicorn_hooks_let_no_exception_of_sigtrace_through(
+    mpdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever sigtrace raises inside child_exit or worker_exit, the master
+    and the exiting worker go on (gunicorn would halt on it)."""
+    from types import SimpleNamespace
+
+    from sigtrace import gunicorn
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in sigtrace")
+
+    monkeypatch.setattr(mpd, "archive_dead", broken)
+    monkeypatch.setattr(publishing, "stop_all", broken)
+    server = SimpleNamespace(log=logging.getLogger("gunicorn.error"))
+    worker = SimpleNamespace(pid=dead_pid())
+    with caplog.at_level(logging.WARNING):
+        gunicorn.child_exit(server, worker)
+        gunicorn.worker_exit(server, worker)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot archive worker" in m and "a bug in sigtrace" in m for m in messages)
+    assert any("cannot publish worker" in m for m in messages)
