@@ -169,10 +169,47 @@ def _positive_seconds(value: object) -> float:
     return seconds
 
 
+def _slow_threshold(value: object) -> float:
+    seconds = _positive_seconds(value)
+    if seconds > MAX_SLOW_THRESHOLD:
+        raise TypeError(f"a positive number of seconds up to {MAX_SLOW_THRESHOLD:g}")
+    return seconds
+
+
+def _ui_path(value: object) -> str:
+    path = _path(value)
+    if path in ("", "/"):
+        raise TypeError("a URL path below '/', e.g. '/sigtrace'")
+    return path.rstrip("/")
+
+
+def _trace_url(value: object) -> str | None:
+    # The template becomes a link on the UI page: only http(s), never javascript: etc.
+    expected = (
+        "an http:// or https:// URL template containing {trace_id}, e.g. "
+        "http://localhost:16686/trace/{trace_id} (or leave it unset)"
+    )
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "{trace_id}" not in value:
+        raise TypeError(expected)
+    try:
+        url = _endpoint(value.replace("{trace_id}", "0"))
+    except TypeError:
+        url = None
+    if url is None or any(ch.isspace() for ch in value.strip()):
+        raise TypeError(expected) from None
+    return value.strip()
+
+
 def _span_mode(value: object) -> str:
     if not isinstance(value, str) or value.strip().lower() not in SPAN_MODES:
         raise TypeError("one of " + ", ".join(repr(m) for m in SPAN_MODES))
     return value.strip().lower()
+
+
+MAX_SLOW_THRESHOLD = 3600.0
+"""Upper bound of ``SIGTRACE_SLOW_THRESHOLD`` in seconds."""
 
 
 class _Key(t.NamedTuple):
@@ -203,6 +240,12 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_PUBLISH_INTERVAL": _Key(
         _positive_seconds, 1.0, "seconds between a worker's metric publishes (multiprocess)"
     ),
+    "SIGTRACE_SLOW_THRESHOLD": _Key(
+        _slow_threshold, 0.001, "seconds above which a send counts as slow"
+    ),
+    "SIGTRACE_UI": _Key(_bool, False, "serve the signals page"),
+    "SIGTRACE_UI_PATH": _Key(_ui_path, "/sigtrace", "route of the signals page"),
+    "SIGTRACE_TRACE_URL": _Key(_trace_url, None, "trace link template with {trace_id}"),
 }
 
 
@@ -230,6 +273,10 @@ class Settings:
     otlp_endpoint: str | None = None
     console_spans: bool = False
     publish_interval: float = 1.0
+    slow_threshold: float = 0.001
+    ui: bool = False
+    ui_path: str = "/sigtrace"
+    trace_url: str | None = None
 
     def instrument_options(self, registry: t.Any, tracer_provider: t.Any) -> Options:
         """The process-wide instrumentation these settings ask for."""

@@ -6,6 +6,7 @@ app (``make_wsgi_app``) served by its threading WSGI server is the separate
 exposition server (``SIGTRACE_METRICS_PORT``), which negotiates the format the
 same way. That server is guarded like the app route: the bearer token
 (``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403). With
+``SIGTRACE_UI`` on, it also serves the signals page under the same guard. With
 ``PROMETHEUS_MULTIPROC_DIR`` set, the exposed registry sums every worker's
 sigtrace metrics (:class:`sigtrace.multiprocess.MultiprocessCollector`, which
 publishes the scraped worker's own values first) plus the app's own
@@ -88,10 +89,21 @@ class _QuietHandler(WSGIRequestHandler):
         return None
 
 
+class Page(t.Protocol):
+    """The signals page (:class:`sigtrace.ui.Dashboard`) as the server needs it."""
+
+    path: str
+
+    def respond(
+        self, subpath: str, script_root: str
+    ) -> tuple[int, bytes, list[tuple[str, str]]]: ...
+
+
 def _guarded_app(
-    registry: CollectorRegistry, token: str | None, check: Check | None
+    registry: CollectorRegistry, token: str | None, check: Check | None, server: _Server | None
 ) -> Callable[[dict[str, t.Any], t.Any], Iterable[bytes]]:
-    """prometheus-client's WSGI app behind the token and ``metrics_auth``."""
+    """prometheus-client's WSGI app behind the token and ``metrics_auth``, and the
+    signals page of ``server.ui`` at its path when there is one."""
     serve = prometheus_client.make_wsgi_app(registry)
 
     def app(environ: dict[str, t.Any], start_response: t.Any) -> Iterable[bytes]:
@@ -109,13 +121,26 @@ def _guarded_app(
             if not check(flask.Request(environ)):
                 start_response("403 Forbidden", [("Content-Type", "text/plain")])
                 return [b"forbidden\n"]
+        page = server.ui if server is not None else None
+        path = environ.get("PATH_INFO", "")
+        if page is not None and (path == page.path or path.startswith(page.path + "/")):
+            status, body, headers = page.respond(
+                path[len(page.path) :], environ.get("SCRIPT_NAME", "")
+            )
+            start_response(f"{status} {'OK' if status == 200 else 'Not Found'}", headers)
+            return [body]
         return t.cast(Iterable[bytes], serve(environ, start_response))
 
     return app
 
 
 def _serve(
-    port: int, addr: str, registry: CollectorRegistry, token: str | None, check: Check | None
+    port: int,
+    addr: str,
+    registry: CollectorRegistry,
+    token: str | None,
+    check: Check | None,
+    holder: _Server,
 ) -> tuple[t.Any, threading.Thread]:
     """What ``prometheus_client.start_http_server`` does, with a guarded app
     (it takes no app of ours): its threading WSGI server, IPv6 when ``addr`` is."""
@@ -125,7 +150,11 @@ def _serve(
         address_family = family
 
     server = make_server(
-        addr, port, _guarded_app(registry, token, check), Server, handler_class=_QuietHandler
+        addr,
+        port,
+        _guarded_app(registry, token, check, holder),
+        Server,
+        handler_class=_QuietHandler,
     )
     thread = threading.Thread(target=server.serve_forever, name="sigtrace-metrics", daemon=True)
     thread.start()
@@ -135,13 +164,13 @@ def _serve(
 class _Server:
     """A running exposition server, how it is guarded, its process and its users."""
 
-    def __init__(
-        self, server: t.Any, thread: threading.Thread, token: str | None, check: Check | None
-    ) -> None:
-        self.server = server
-        self.thread = thread
+    def __init__(self, token: str | None, check: Check | None, ui: Page | None) -> None:
+        self.server: t.Any = None
+        self.thread: threading.Thread | None = None
         self.token = token
         self.check = check
+        self.ui = ui
+        """The signals page served at its path, if SIGTRACE_UI is on (the first app's)."""
         self.pid = os.getpid()
         self.users = 1
 
@@ -157,10 +186,13 @@ def start_server(
     *,
     token: str | None = None,
     check: Check | None = None,
+    ui: Page | None = None,
 ) -> int:
     """Start the exposition server on ``addr:port`` (0: any free port); return
     the bound port. With ``token`` it answers 401 without ``Authorization:
     Bearer <token>``; with ``check`` 403 when ``check(request)`` is false.
+    With ``ui`` it serves that signals page at its path, guarded the same way
+    (a running server without a page takes the first one it is given).
 
     A fixed port already served (by this process or the parent it was forked
     from) is reused and counted, not bound again; it must be guarded by the
@@ -189,10 +221,15 @@ def start_server(
                     "SIGTRACE_METRICS_TOKEN instead"
                 )
             running.users += 1
+            if running.ui is None:
+                running.ui = ui
             return port
-        server, thread = _serve(port, addr, exposition_registry(registry), token, check)
-        bound = int(server.server_port)
-        _servers[(addr, bound)] = _Server(server, thread, token, check)
+        holder = _Server(token, check, ui)
+        holder.server, holder.thread = _serve(
+            port, addr, exposition_registry(registry), token, check, holder
+        )
+        bound = int(holder.server.server_port)
+        _servers[(addr, bound)] = holder
         return bound
 
 
@@ -216,4 +253,5 @@ def stop_server(port: int, addr: str) -> None:
         return
     running.server.shutdown()
     running.server.server_close()
-    running.thread.join(_STOP_TIMEOUT)
+    if running.thread is not None:
+        running.thread.join(_STOP_TIMEOUT)

@@ -68,6 +68,7 @@ _KNOWN_METHODS = frozenset(
 )
 _ENVIRON_KEY = "sigtrace.request"
 _METRICS_ENDPOINT = "sigtrace_metrics"
+_UI_ENDPOINT = "sigtrace_ui"
 
 
 class _AppState:
@@ -78,9 +79,10 @@ class _AppState:
         self.settings = settings
         self.metrics = metrics
         self.tracer = tracing.get_tracer(ext.tracer_provider) if settings.tracing else None
-        self.is_excluded = _path_matcher(
-            (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
-        )
+        own_paths: tuple[str, ...] = (settings.metrics_path,) if settings.metrics_path else ()
+        if settings.ui:
+            own_paths += (settings.ui_path, settings.ui_path + "/*")
+        self.is_excluded = _path_matcher((*settings.excluded_paths, *own_paths))
         # OTel's regexes (OTEL_PYTHON_FLASK_EXCLUDED_URLS, else OTEL_PYTHON_EXCLUDED_URLS),
         # searched in the full URL as opentelemetry-instrumentation-flask does
         self.url_excluded: t.Callable[[str], bool] | None = None
@@ -94,6 +96,8 @@ class _AppState:
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
         self.publisher: multiprocess.Publisher | None = None
         """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
+        self.dashboard: t.Any = None
+        """The signals page (sigtrace.ui.Dashboard) when SIGTRACE_UI is on."""
 
 
 def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
@@ -380,6 +384,20 @@ class SigTrace:
             app.add_url_rule(
                 settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]
             )
+        if settings.ui:
+            from .ui import Dashboard
+
+            state.dashboard = Dashboard(
+                path=settings.ui_path,
+                app_name=app.name,
+                metrics=metrics,
+                tracer_provider=self.tracer_provider,
+                tracing_enabled=settings.tracing,
+                slow_threshold=settings.slow_threshold,
+                trace_url=settings.trace_url,
+            )
+            for rule in (settings.ui_path, settings.ui_path + "/<path:subpath>"):
+                app.add_url_rule(rule, _UI_ENDPOINT, self._ui_view, methods=["GET"])
         if settings.metrics and settings.metrics_port is not None:
             from .exposition import ServerConflict, start_server
 
@@ -390,6 +408,7 @@ class SigTrace:
                     self.registry,
                     token=settings.metrics_token,
                     check=self.metrics_auth,
+                    ui=state.dashboard,
                 )
             except ServerConflict as error:
                 app.extensions.pop("sigtrace", None)
@@ -410,8 +429,9 @@ class SigTrace:
         app.cli.add_command(sigtrace_cli)
         self._apps.append(app)
 
-    def _metrics_view(self) -> flask.Response:
-        state: _AppState = flask.current_app.extensions["sigtrace"]
+    def _refusal(self, state: _AppState) -> flask.Response | None:
+        """The metrics routes' guard (/metrics and the UI): 401 without the bearer
+        token when one is set, 403 when ``metrics_auth`` says no, else None."""
         request = flask.request
         token = state.settings.metrics_token
         if token is not None:
@@ -421,10 +441,29 @@ class SigTrace:
                 return flask.Response("unauthorized\n", 401, {"WWW-Authenticate": "Bearer"})
         if self.metrics_auth is not None and not self.metrics_auth(request._get_current_object()):  # type: ignore[attr-defined]
             return flask.Response("forbidden\n", 403)
+        return None
+
+    def _metrics_view(self) -> flask.Response:
+        state: _AppState = flask.current_app.extensions["sigtrace"]
+        refused = self._refusal(state)
+        if refused is not None:
+            return refused
+        request = flask.request
         from .exposition import render
 
         body, content_type = render(self.registry, request.headers.get("Accept", ""))
         return flask.Response(body, 200, {"Content-Type": content_type})
+
+    def _ui_view(self, subpath: str = "") -> flask.Response:
+        state: _AppState = flask.current_app.extensions["sigtrace"]
+        refused = self._refusal(state)
+        if refused is not None:
+            return refused
+        request = flask.request
+        status, body, headers = state.dashboard.respond(
+            "/" + subpath if subpath else "", request.script_root
+        )
+        return flask.Response(body, status, headers)
 
     def close(self) -> None:
         """Undo this extension's instrumentation (tests, app shutdown)."""

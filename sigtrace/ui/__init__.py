@@ -1,0 +1,397 @@
+"""The signals page (``SIGTRACE_UI``): the signal map, receivers, slow sends, endpoints.
+
+Everything the page shows is read when the page asks for it, from what sigtrace
+already records; nothing is added to a send:
+
+* the signal map, the receivers table and the endpoints come from the metric
+  families that ``/metrics`` serves (one process's snapshots, or under
+  ``PROMETHEUS_MULTIPROC_DIR`` the merge of every worker's published files,
+  read by :func:`metric_families`), plus the receivers connected in the
+  serving process, called or not (the inventory of ``flask sigtrace signals``);
+* the slowest recent sends come from the spans sigtrace already makes:
+  :class:`SlowSends`, a span processor on the tracer provider, keeps the
+  signal spans over ``SIGTRACE_SLOW_THRESHOLD`` or failed, each with its
+  receiver spans, in a bounded ring. They are the serving process's own.
+
+The page is static HTML, CSS and JavaScript shipped as package data in
+``sigtrace/ui/static`` and served by the app itself: no CDN, no build step. It
+fetches ``<path>/data.json`` every few seconds and draws with the DOM and SVG.
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import importlib.resources
+import json
+import math
+import os
+import threading
+import time
+import typing as t
+import weakref
+from collections.abc import Iterable
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.trace import StatusCode
+
+from .. import multiprocess, tracing
+from ..cli import histogram_quantile, signal_inventory
+from ..faults import internal_error
+from ..metrics import MetricSet, prometheus_family
+
+__all__ = ["RECENT_SENDS", "Dashboard", "SlowSends", "metric_families", "slow_sends"]
+
+RECENT_SENDS = 50
+"""How many slow or failed sends the ring keeps (the newest)."""
+
+REFRESH_SECONDS = 5
+"""How often the page asks for new data."""
+
+_STAGED_RECEIVER_SPANS = 1024
+"""Receiver spans kept by reference until their signal span ends (a ring)."""
+
+_INVENTORY_TTL = 10.0
+"""Seconds the list of connected receivers is reused (it scans the heap once)."""
+
+_ASSETS = {
+    "ui.js": "text/javascript; charset=utf-8",
+    "ui.css": "text/css; charset=utf-8",
+}
+_HEADERS = (
+    # Defence in depth: names are always inserted as text, and even so no
+    # script but ours and no inline script may run on the page.
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+_RECEIVER_HISTOGRAM = "sigtrace_receiver_duration_seconds"
+_RECEIVER_ERRORS = "sigtrace_receiver_errors_total"
+_SIGNAL_SENDS = "sigtrace_signal_sends_total"
+_HTTP_HISTOGRAM = "sigtrace_http_request_duration_seconds"
+_HTTP_EXCEPTIONS = "sigtrace_http_request_exceptions_total"
+
+
+# --------------------------------------------------------------------------
+# Slow sends, from the spans
+
+
+class SlowSends(SpanProcessor):
+    """Keeps the last :data:`RECENT_SENDS` signal spans over the threshold or failed.
+
+    ``on_end`` sees every span of the provider. A receiver span of sigtrace's
+    is appended by reference to a bounded staging ring (one C call); a signal
+    span is dropped at once unless it is slow or failed, and only then are its
+    receiver spans looked up in the staging ring and the send written to the
+    ring of recent sends. The ring is this process's: under several workers
+    each keeps its own.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold_ns = int(threshold * 1e9)
+        self._staged: collections.deque[ReadableSpan] = collections.deque(
+            maxlen=_STAGED_RECEIVER_SPANS
+        )
+        self._stage = self._staged.append
+        self._sends: collections.deque[dict[str, t.Any]] = collections.deque(maxlen=RECENT_SENDS)
+
+    def on_start(self, span: t.Any, parent_context: t.Any = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        try:
+            attributes = span.attributes or {}
+            if tracing.ATTR_SIGNAL_NAME not in attributes:
+                return
+            if tracing.CODE_FUNCTION_NAME in attributes:
+                self._stage(span)  # a receiver span: its send may turn out slow
+                return
+            started, ended = span.start_time or 0, span.end_time or 0
+            failed = span.status.status_code is StatusCode.ERROR
+            if ended - started <= self.threshold_ns and not failed:
+                return
+            self._sends.append(self._send(span, started, ended, failed))
+        except Exception:
+            internal_error("ui slow sends")
+
+    def _send(self, span: ReadableSpan, started: int, ended: int, failed: bool) -> dict[str, t.Any]:
+        attributes = span.attributes or {}
+        context = span.get_span_context()
+        span_id = context.span_id if context is not None else 0
+        expected = attributes.get(tracing.ATTR_RECEIVERS_CALLED)
+        wanted = expected if isinstance(expected, int) else _STAGED_RECEIVER_SPANS
+        children = []
+        for staged in reversed(list(self._staged)):  # the list: a snapshot of the ring
+            if staged.parent is not None and staged.parent.span_id == span_id:
+                children.append(staged)
+                if len(children) >= wanted:
+                    break
+        receivers = [
+            {
+                "name": str((child.attributes or {}).get(tracing.CODE_FUNCTION_NAME, "?")),
+                "start": ((child.start_time or 0) - started) / 1e9,
+                "seconds": ((child.end_time or 0) - (child.start_time or 0)) / 1e9,
+                "error": _error_of(child),
+            }
+            for child in sorted(children, key=lambda c: c.start_time or 0)
+        ]
+        return {
+            "signal": str(attributes.get(tracing.ATTR_SIGNAL_NAME, "?")),
+            "trace_id": format(context.trace_id, "032x") if context is not None else "",
+            "at": started / 1e9,
+            "seconds": (ended - started) / 1e9,
+            "error": _error_of(span) if failed else None,
+            "receivers": receivers,
+            "receivers_called": expected if isinstance(expected, int) else len(receivers),
+            "pid": os.getpid(),
+        }
+
+    def recent(self) -> list[dict[str, t.Any]]:
+        return list(self._sends)
+
+    def clear(self) -> None:
+        self._sends.clear()
+        self._staged.clear()
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def _error_of(span: ReadableSpan) -> str | None:
+    if span.status.status_code is not StatusCode.ERROR:
+        return None
+    kind = (span.attributes or {}).get(tracing.ERROR_TYPE)
+    return str(kind) if kind else "error"
+
+
+# One processor per tracer provider (the SDK cannot remove a processor).
+_processors: weakref.WeakKeyDictionary[t.Any, SlowSends] = weakref.WeakKeyDictionary()
+_processors_lock = threading.Lock()
+
+
+def slow_sends(provider: t.Any, threshold: float) -> SlowSends | None:
+    """The :class:`SlowSends` of ``provider`` (the global one if None), added on
+    first use; None when the provider is not the SDK's (spans are not recorded)."""
+    provider = trace.get_tracer_provider() if provider is None else provider
+    if not callable(getattr(provider, "add_span_processor", None)):
+        return None
+    with _processors_lock:
+        found = _processors.get(provider)
+        if found is None:
+            found = _processors[provider] = SlowSends(threshold)
+            provider.add_span_processor(found)
+        found.threshold_ns = int(threshold * 1e9)
+        return found
+
+
+def _forget_parent_sends() -> None:
+    for processor in list(_processors.values()):
+        processor.clear()
+
+
+if hasattr(os, "register_at_fork"):  # a worker shows its own sends, not its master's
+    os.register_at_fork(after_in_child=_forget_parent_sends)
+
+
+# --------------------------------------------------------------------------
+# Statistics, from the same metric families as /metrics
+
+
+def metric_families(metrics: MetricSet | None) -> Iterable[t.Any]:
+    """sigtrace's metric families as ``/metrics`` serves them (prometheus-client's).
+
+    Under ``PROMETHEUS_MULTIPROC_DIR``: every worker's published values merged,
+    through the same collector a scrape uses (it publishes this process's own
+    values first). This is the page's one read of :mod:`sigtrace.multiprocess`.
+    """
+    path = multiprocess.directory()
+    if path is not None:
+        return multiprocess.MultiprocessCollector(path).collect()
+    if metrics is None:
+        return ()
+    return (prometheus_family(family, family.snapshot()) for family in metrics.families)
+
+
+Buckets = dict[float, float]  # upper bound -> cumulative count
+
+
+class _Stats:
+    """The samples the page needs, collected once per request."""
+
+    def __init__(self, families: Iterable[t.Any]) -> None:
+        self.receivers: dict[tuple[str, str], Buckets] = collections.defaultdict(dict)
+        self.errors: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self.sends: dict[str, float] = {}
+        self.http: dict[tuple[str, str], Buckets] = collections.defaultdict(dict)
+        self.http_5xx: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self.exceptions: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
+        for family in families:
+            for s in family.samples:
+                name, labels = s.name, s.labels
+                if name == _RECEIVER_HISTOGRAM + "_bucket":
+                    key = (labels["signal"], labels["receiver"])
+                    self.receivers[key][float(labels["le"])] = float(s.value)
+                elif name == _RECEIVER_ERRORS:
+                    self.errors[(labels["signal"], labels["receiver"])] += float(s.value)
+                elif name == _SIGNAL_SENDS:
+                    self.sends[labels["signal"]] = float(s.value)
+                elif name == _HTTP_HISTOGRAM + "_bucket":
+                    key = (labels["method"], labels["endpoint"])
+                    bound = float(labels["le"])
+                    buckets = self.http[key]
+                    buckets[bound] = buckets.get(bound, 0.0) + float(s.value)
+                elif name == _HTTP_HISTOGRAM + "_count" and labels["status"].startswith("5"):
+                    self.http_5xx[(labels["method"], labels["endpoint"])] += float(s.value)
+                elif name == _HTTP_EXCEPTIONS:
+                    found = self.exceptions[(labels["method"], labels["endpoint"])]
+                    kind = labels["exception"]
+                    found[kind] = found.get(kind, 0.0) + float(s.value)
+
+
+def _latency(buckets: Buckets | None) -> dict[str, t.Any]:
+    """Calls and p50/p95/p99 estimated from cumulative buckets (as Prometheus does)."""
+    pairs = sorted(buckets.items()) if buckets else []
+    calls = pairs[-1][1] if pairs else 0.0
+    return {
+        "calls": int(calls),
+        **{
+            name: _finite(histogram_quantile(q, pairs))
+            for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+        },
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------
+# The page
+
+
+class Dashboard:
+    """What one app's page serves: the page, its assets and its data."""
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        app_name: str,
+        metrics: MetricSet | None,
+        tracer_provider: t.Any,
+        tracing_enabled: bool,
+        slow_threshold: float,
+        trace_url: str | None,
+    ) -> None:
+        self.path = path
+        self.app_name = app_name
+        self.metrics = metrics
+        self.tracer_provider = tracer_provider
+        self.tracing_enabled = tracing_enabled
+        self.slow_threshold = slow_threshold
+        self.trace_url = trace_url
+        self._sends = slow_sends(tracer_provider, slow_threshold) if tracing_enabled else None
+        self._inventory: tuple[float, list[t.Any]] | None = None
+        self._lock = threading.Lock()
+
+    def respond(self, subpath: str, script_root: str) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """``(status, body, headers)`` for ``subpath`` below the page's path (``""``:
+        the page); ``script_root`` is where the app is mounted (WSGI ``SCRIPT_NAME``)."""
+        status, content_type, body = self._respond(subpath, script_root + self.path)
+        return status, body, [("Content-Type", content_type), *_HEADERS]
+
+    def _respond(self, subpath: str, base: str) -> tuple[int, str, bytes]:
+        if subpath in ("", "/"):
+            page = _asset("index.html").decode()
+            body = page.replace("{{base}}", html.escape(base, quote=True)).encode()
+            return 200, "text/html; charset=utf-8", body
+        if subpath == "/data.json":
+            data = json.dumps(self.data(), separators=(",", ":"), allow_nan=False)
+            return 200, "application/json", data.encode()
+        name = subpath.lstrip("/")
+        if name in _ASSETS:
+            return 200, _ASSETS[name], _asset(name)
+        return 404, "text/plain; charset=utf-8", b"not found\n"
+
+    def _connected(self) -> list[t.Any]:
+        """The serving process's signals and connected receivers, reused a few seconds."""
+        with self._lock:
+            now = time.monotonic()
+            if self._inventory is None or now - self._inventory[0] > _INVENTORY_TTL:
+                self._inventory = (now, signal_inventory(None, metrics=False))
+            return self._inventory[1]
+
+    def data(self) -> dict[str, t.Any]:
+        """Everything the page shows, as JSON-ready values."""
+        stats = _Stats(metric_families(self.metrics))
+        signals: dict[str, dict[str, t.Any]] = {}
+
+        def signal(name: str) -> dict[str, t.Any]:
+            found = signals.get(name)
+            if found is None:
+                found = signals[name] = {"name": name, "sends": 0, "receivers": {}}
+            return found
+
+        for row in self._connected():
+            entry = signal(row.name)
+            for receiver in row.receivers:
+                entry["receivers"].setdefault(receiver.name, {"connected": True})
+        for signal_name, receiver_name in (*stats.receivers, *stats.errors):
+            signal(signal_name)["receivers"].setdefault(receiver_name, {"connected": False})
+        for signal_name, sends in stats.sends.items():
+            signal(signal_name)["sends"] = int(sends)
+        for entry in signals.values():
+            rows = []
+            for receiver_name, row in entry["receivers"].items():
+                key = (entry["name"], receiver_name)
+                rows.append(
+                    {
+                        "name": receiver_name,
+                        "connected": row["connected"],
+                        **_latency(stats.receivers.get(key)),
+                        "errors": int(stats.errors.get(key, 0.0)),
+                    }
+                )
+            entry["receivers"] = rows
+        endpoints = []
+        for key in sorted({*stats.http, *stats.exceptions}):
+            exceptions = stats.exceptions.get(key, {})
+            endpoints.append(
+                {
+                    "method": key[0],
+                    "endpoint": key[1],
+                    **_latency(stats.http.get(key)),
+                    "errors": int(stats.http_5xx.get(key, 0.0)),
+                    "exceptions": [
+                        {"name": name, "count": int(count)}
+                        for name, count in sorted(exceptions.items(), key=lambda kv: -kv[1])
+                    ],
+                }
+            )
+        if self._sends is None and self.tracing_enabled:
+            self._sends = slow_sends(self.tracer_provider, self.slow_threshold)
+        path = multiprocess.directory()
+        return {
+            "app": self.app_name,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "refresh": REFRESH_SECONDS,
+            "metrics": self.metrics is not None or path is not None,
+            "merged": path is not None,
+            "slow_threshold": self.slow_threshold,
+            "trace_url": self.trace_url,
+            "recording": self._sends is not None,
+            "signals": sorted(signals.values(), key=lambda s: s["name"]),
+            "endpoints": endpoints,
+            "recent": self._sends.recent() if self._sends is not None else [],
+        }
+
+
+def _asset(name: str) -> bytes:
+    return importlib.resources.files(__package__).joinpath("static", name).read_bytes()
