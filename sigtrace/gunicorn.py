@@ -11,7 +11,8 @@ README's "Multiple processes" section explains the set-up;
 * :func:`worker_exit` (in a worker, as it exits) publishes its last values.
 * :func:`child_exit` (in the master) folds the dead worker's file into the
   archive and removes its prometheus-client live-gauge files.
-* :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT``.
+* :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT`` (and the
+  signals page with ``SIGTRACE_UI``).
 """
 
 from __future__ import annotations
@@ -76,8 +77,27 @@ def when_ready(server: t.Any) -> None:
         return
     from .exposition import start_server
 
+    page = None
+    if settings.ui:
+        from .ui import Dashboard
+
+        # The master records nothing itself: the page shows the workers' merged
+        # metrics; slow sends are kept by each worker, so it has none.
+        page = Dashboard(
+            path=settings.ui_path,
+            app_name="gunicorn master",
+            metrics=None,
+            tracer_provider=None,
+            tracing_enabled=False,
+            slow_threshold=settings.slow_threshold,
+            trace_url=settings.trace_url,
+        )
     port = start_server(
-        settings.metrics_port, settings.metrics_addr, None, token=settings.metrics_token
+        settings.metrics_port,
+        settings.metrics_addr,
+        None,
+        token=settings.metrics_token,
+        ui=page,
     )
     server.log.info(
         "sigtrace: serving all workers' metrics on http://%s:%d/metrics",
