@@ -431,6 +431,10 @@ BAD_VALUES: dict[str, object] = {
     "SIGTRACE_OTLP_ENDPOINT": 8,
     "SIGTRACE_CONSOLE_SPANS": "loud",
     "SIGTRACE_PUBLISH_INTERVAL": 0,
+    "SIGTRACE_SLOW_THRESHOLD": -1,
+    "SIGTRACE_UI": "perhaps",
+    "SIGTRACE_UI_PATH": "/",
+    "SIGTRACE_TRACE_URL": "http://jaeger.example/trace/",
 }
 
 

@@ -180,8 +180,8 @@
     if (!shown.length) {
       box.appendChild(el("div", { class: "empty" }, state.filter ? "No signal or receiver matches the filter." : "No signal with receivers yet."));
     } else {
-      const RH = 34, GAP = 14, W = 1100;
-      const SX = 8, SW = 300, RX = 430, RW = 330, TX = RX + RW + 14;
+      const RH = 34, GAP = 14, W = 1140;
+      const SX = 8, SW = 300, RX = 420, RW = 370, TX = RX + RW + 14;
       let height = 8;
       for (const { receivers } of shown) height += receivers.length * RH + GAP;
       const root = svg("svg", { viewBox: "0 0 " + W + " " + height, role: "img", "aria-label": "signal map" });
@@ -208,7 +208,7 @@
           const g = svg("g", { class: "node receiver " + st, "data-signal": s.name, "data-receiver": r.name, "data-calls": r.calls, "data-state": st });
           g.appendChild(svg("title", {}, r.name));
           g.appendChild(svg("rect", { x: RX, y: ry - 13, width: RW, height: 26 }));
-          g.appendChild(svg("text", { x: RX + 10, y: ry + 1 }, short(r.name, 44)));
+          g.appendChild(svg("text", { x: RX + 10, y: ry + 1 }, short(r.name, 50)));
           let stat;
           if (r.calls === 0 && r.errors === 0) {
             stat = "not called yet";
@@ -324,10 +324,11 @@
         bar.firstChild.style.left = left + "%";
         bar.firstChild.style.width = width + "%";
         const name = el("span", { class: "rname", title: r.name }, r.name);
+        const mark = el("span", { class: "mark" });
+        if (r.error) mark.appendChild(el("span", { class: "badge failing", title: r.error }, "error"));
+        else if (r === slowest && send.receivers.length > 1) mark.appendChild(el("span", { class: "badge slow" }, "slowest"));
         const item = el("li", { class: (r === slowest ? "slowest" : "") + (r.error ? " error" : "") }, name, bar,
-          el("span", { class: "rdur" }, duration(r.seconds)));
-        if (r === slowest && send.receivers.length > 1) name.appendChild(el("span", { class: "badge slow" }, "slowest"));
-        if (r.error) name.appendChild(el("span", { class: "badge failing" }, r.error));
+          el("span", { class: "rdur" }, duration(r.seconds)), mark);
         tree.appendChild(item);
       }
       if (send.receivers_called > send.receivers.length) {
