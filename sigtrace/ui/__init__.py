@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import html
 import importlib.resources
+import itertools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import threading
 import time
 import typing as t
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -39,7 +40,7 @@ from opentelemetry.trace import StatusCode
 from .. import multiprocess, tracing
 from ..cli import histogram_quantile, signal_inventory
 from ..faults import internal_error
-from ..metrics import MetricSet, prometheus_family
+from ..metrics import HistogramValue, MetricSet
 
 __all__ = ["RECENT_SENDS", "Dashboard", "SlowSends", "metric_families", "slow_sends"]
 
@@ -203,60 +204,84 @@ if hasattr(os, "register_at_fork"):  # a worker shows its own sends, not its mas
 # Statistics, from the same metric families as /metrics
 
 
-def metric_families(metrics: MetricSet | None) -> Iterable[t.Any]:
-    """sigtrace's metric families as ``/metrics`` serves them (prometheus-client's).
+def metric_families(path: str) -> Iterable[t.Any]:
+    """Every worker's sigtrace metric families merged, as ``/metrics`` serves them
+    under ``PROMETHEUS_MULTIPROC_DIR``: the same collector a scrape uses (which
+    publishes this process's own values first). The page's one read of
+    :mod:`sigtrace.multiprocess`."""
+    return multiprocess.MultiprocessCollector(path).collect()
 
-    Under ``PROMETHEUS_MULTIPROC_DIR``: every worker's published values merged,
-    through the same collector a scrape uses (it publishes this process's own
-    values first). This is the page's one read of :mod:`sigtrace.multiprocess`.
-    """
+
+Buckets = list[tuple[float, float]]  # (upper bound, cumulative count), ending with +Inf
+Series = tuple[str, dict[str, str], "float | Buckets"]  # family, labels, total or buckets
+
+
+def _series(metrics: MetricSet | None) -> Iterator[Series]:
+    """sigtrace's series with the values ``/metrics`` shows: one process's own
+    snapshots, or with ``PROMETHEUS_MULTIPROC_DIR`` set every worker's merged."""
     path = multiprocess.directory()
     if path is not None:
-        return multiprocess.MultiprocessCollector(path).collect()
+        yield from _parsed(metric_families(path))
+        return
     if metrics is None:
-        return ()
-    return (prometheus_family(family, family.snapshot()) for family in metrics.families)
+        return
+    for family in metrics.families:  # straight from the snapshots: no sample objects
+        for values, value in family.snapshot():
+            labels = dict(zip(family.labelnames, values, strict=True))
+            if isinstance(value, HistogramValue):
+                cumulative = list(itertools.accumulate(value.counts))
+                yield family.name, labels, list(zip(family.bounds, cumulative, strict=True))
+            else:
+                yield family.name, labels, float(value)
 
 
-Buckets = dict[float, float]  # upper bound -> cumulative count
+def _parsed(families: Iterable[t.Any]) -> Iterator[Series]:
+    """prometheus-client families as series (a counter family's name keeps ``_total``)."""
+    for family in families:
+        buckets: dict[tuple[tuple[str, str], ...], Buckets] = {}
+        for s in family.samples:
+            if s.name == family.name + "_bucket":
+                labels = tuple((k, v) for k, v in s.labels.items() if k != "le")
+                buckets.setdefault(labels, []).append((float(s.labels["le"]), float(s.value)))
+            elif s.name == family.name + "_total":
+                yield s.name, dict(s.labels), float(s.value)
+        for labels, pairs in buckets.items():
+            yield family.name, dict(labels), sorted(pairs)
 
 
 class _Stats:
-    """The samples the page needs, collected once per request."""
+    """The series the page needs, collected once per request."""
 
-    def __init__(self, families: Iterable[t.Any]) -> None:
-        self.receivers: dict[tuple[str, str], Buckets] = collections.defaultdict(dict)
+    def __init__(self, series: Iterable[Series]) -> None:
+        self.receivers: dict[tuple[str, str], Buckets] = {}
         self.errors: dict[tuple[str, str], float] = collections.defaultdict(float)
         self.sends: dict[str, float] = {}
-        self.http: dict[tuple[str, str], Buckets] = collections.defaultdict(dict)
+        self.http: dict[tuple[str, str], dict[float, float]] = collections.defaultdict(dict)
         self.http_5xx: dict[tuple[str, str], float] = collections.defaultdict(float)
         self.exceptions: dict[tuple[str, str], dict[str, float]] = collections.defaultdict(dict)
-        for family in families:
-            for s in family.samples:
-                name, labels = s.name, s.labels
-                if name == _RECEIVER_HISTOGRAM + "_bucket":
-                    key = (labels["signal"], labels["receiver"])
-                    self.receivers[key][float(labels["le"])] = float(s.value)
-                elif name == _RECEIVER_ERRORS:
-                    self.errors[(labels["signal"], labels["receiver"])] += float(s.value)
-                elif name == _SIGNAL_SENDS:
-                    self.sends[labels["signal"]] = float(s.value)
-                elif name == _HTTP_HISTOGRAM + "_bucket":
-                    key = (labels["method"], labels["endpoint"])
-                    bound = float(labels["le"])
-                    buckets = self.http[key]
-                    buckets[bound] = buckets.get(bound, 0.0) + float(s.value)
-                elif name == _HTTP_HISTOGRAM + "_count" and labels["status"].startswith("5"):
-                    self.http_5xx[(labels["method"], labels["endpoint"])] += float(s.value)
-                elif name == _HTTP_EXCEPTIONS:
-                    found = self.exceptions[(labels["method"], labels["endpoint"])]
-                    kind = labels["exception"]
-                    found[kind] = found.get(kind, 0.0) + float(s.value)
+        for name, labels, value in series:
+            if name == _RECEIVER_HISTOGRAM:
+                self.receivers[(labels["signal"], labels["receiver"])] = t.cast(Buckets, value)
+            elif name == _RECEIVER_ERRORS:
+                self.errors[(labels["signal"], labels["receiver"])] += t.cast(float, value)
+            elif name == _SIGNAL_SENDS:
+                self.sends[labels["signal"]] = t.cast(float, value)
+            elif name == _HTTP_HISTOGRAM:
+                key = (labels["method"], labels["endpoint"])
+                merged = self.http[key]  # all statuses together
+                for bound, count in t.cast(Buckets, value):
+                    merged[bound] = merged.get(bound, 0.0) + count
+                if labels["status"].startswith("5"):
+                    self.http_5xx[key] += t.cast(Buckets, value)[-1][1]
+            elif name == _HTTP_EXCEPTIONS:
+                found = self.exceptions[(labels["method"], labels["endpoint"])]
+                kind = labels["exception"]
+                found[kind] = found.get(kind, 0.0) + t.cast(float, value)
 
 
-def _latency(buckets: Buckets | None) -> dict[str, t.Any]:
+def _latency(pairs: Buckets | None) -> dict[str, t.Any]:
     """Calls and p50/p95/p99 estimated from cumulative buckets (as Prometheus does)."""
-    pairs = sorted(buckets.items()) if buckets else []
+    pairs = pairs or []
     calls = pairs[-1][1] if pairs else 0.0
     return {
         "calls": int(calls),
@@ -329,7 +354,7 @@ class Dashboard:
 
     def data(self) -> dict[str, t.Any]:
         """Everything the page shows, as JSON-ready values."""
-        stats = _Stats(metric_families(self.metrics))
+        stats = _Stats(_series(self.metrics))
         signals: dict[str, dict[str, t.Any]] = {}
 
         def signal(name: str) -> dict[str, t.Any]:
@@ -366,7 +391,7 @@ class Dashboard:
                 {
                     "method": key[0],
                     "endpoint": key[1],
-                    **_latency(stats.http.get(key)),
+                    **_latency(sorted(stats.http.get(key, {}).items())),
                     "errors": int(stats.http_5xx.get(key, 0.0)),
                     "exceptions": [
                         {"name": name, "count": int(count)}
