@@ -23,11 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.app_process import RunningApp, run_module
@@ -251,3 +253,72 @@ def test_the_page_in_chromium(chrome: t.Any, tmp_path: Path) -> None:
         finally:
             stop.set()
             runner.join(timeout=10)
+
+
+def test_the_page_stays_usable_with_500_signals_and_5000_receivers(
+    chrome: t.Any, registry: CollectorRegistry
+) -> None:
+    import blinker
+    import flask
+    from werkzeug.serving import make_server
+
+    from sigtrace import SigTrace
+
+    namespace = blinker.Namespace()
+    keep: list[t.Any] = []
+    for i in range(500):
+        signal = namespace.signal(f"scale-signal-{i:03d}")
+        for j in range(10):
+
+            def receiver(sender: t.Any, **kwargs: t.Any) -> None:
+                return None
+
+            receiver.__qualname__ = f"receiver_{i:03d}_{j}"
+            signal.connect(receiver)
+            keep.append(receiver)
+        keep.append(signal)
+    app = flask.Flask("ui-scale")
+    app.config.update(SIGTRACE_UI=True, SIGTRACE_TRACING=False, SIGTRACE_MAX_LABEL_VALUES=6000)
+    ext = SigTrace(app, registry=registry)
+    signals = [s for s in keep if isinstance(s, blinker.Signal)]
+    for index, signal in enumerate(signals):
+        for _ in range(1 + index % 3):
+            signal.send(app)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        chrome.get(f"http://127.0.0.1:{server.server_port}/sigtrace")
+        _wait_loaded(chrome)
+        # (Other live signals of the test process are listed too: the filter keeps ours.)
+        search = chrome.find_element(By.ID, "filter")
+        search.send_keys("scale-signal-")
+        # The busiest 40 signals are drawn, and the table's first 300 rows, with a way to all.
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "#map g.signal")) == 40
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "#map g.receiver")) == 400
+        busiest = [
+            g.get_attribute("data-signal")
+            for g in chrome.find_elements(By.CSS_SELECTOR, "#map g.signal")
+        ]
+        assert all(int(name[-3:]) % 3 == 2 for name in busiest)  # those sent 3 times
+        assert "show all 500 signals" in chrome.find_element(By.ID, "map-more").text
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "#receivers tbody tr")) == 300
+        assert "show all 5000" in chrome.find_element(By.ID, "table-more").text
+        # The filter narrows the map and the table to what matches.
+        search.send_keys("123")
+        drawn = chrome.find_elements(By.CSS_SELECTOR, "#map g.receiver")
+        assert {g.get_attribute("data-signal") for g in drawn} == {"scale-signal-123"}
+        rows = _table(chrome)
+        assert len(rows) == 10 and {r["signal"] for r in rows} == {"scale-signal-123"}
+        assert all(r["calls"] == 1 + 123 % 3 for r in rows)
+        # Everything, on demand.
+        for _ in "123":
+            search.send_keys(Keys.BACKSPACE)
+        chrome.find_element(By.CSS_SELECTOR, "#table-more button").click()
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "#receivers tbody tr")) == 5000
+        chrome.find_element(By.CSS_SELECTOR, "#map-more button").click()
+        assert len(chrome.find_elements(By.CSS_SELECTOR, "#map g.receiver")) == 5000
+    finally:
+        server.shutdown()
+        serving.join(timeout=10)
+        ext.close()
