@@ -6,6 +6,9 @@ The page in a real browser is tests/test_ui_browser.py.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import typing as t
 import urllib.error
 import urllib.request
@@ -114,6 +117,38 @@ def test_the_page_is_off_by_default(registry: CollectorRegistry) -> None:
         assert app.extensions["sigtrace"].dashboard is None
     finally:
         ext.close()
+
+
+def test_off_the_page_module_is_never_imported_and_no_span_processor_is_added() -> None:
+    code = """
+import sys
+import blinker, flask
+from opentelemetry.sdk.trace import TracerProvider
+from sigtrace import SigTrace
+provider = TracerProvider()
+app = flask.Flask("off")
+SigTrace(app, tracer_provider=provider)
+blinker.signal("off-signal").connect(lambda sender: None)
+with provider.get_tracer("t").start_as_current_span("request"):
+    blinker.signal("off-signal").send(app)
+print(app.test_client().get("/sigtrace").status_code)
+print("sigtrace.ui" in sys.modules)
+print(len(provider._active_span_processor._span_processors))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGTRACE_", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["404", "False", "0"]
+
+
+def test_on_one_span_processor_per_provider_keeps_the_slow_sends(make_app: MakeApp) -> None:
+    provider = TracerProvider()
+    make_app(tracer_provider=provider)
+    make_app(tracer_provider=provider)  # a second app on the same provider
+    processors = provider._active_span_processor._span_processors
+    assert [type(p).__name__ for p in processors] == ["SlowSends"]
 
 
 @pytest.mark.parametrize(
