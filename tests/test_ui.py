@@ -12,7 +12,6 @@ import sys
 import typing as t
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blinker
@@ -27,6 +26,7 @@ from sigtrace import SigTrace
 from sigtrace.config import ConfigError, load_settings
 from sigtrace.ui import RECENT_SENDS
 from tests.conftest import samples_from_text
+from tests.test_exposition import MakeApp, make_app  # noqa: F401 (the fixture)
 
 ns = blinker.Namespace()
 placed = ns.signal("ui-order-placed")
@@ -54,40 +54,24 @@ SHIP = "tests.test_ui.ship_order"
 CHARGE = "tests.test_ui.charge_card"
 AUDIT = "tests.test_ui.audit"
 
-MakeApp = Callable[..., flask.Flask]
-
 
 @pytest.fixture
-def make_app(registry: CollectorRegistry) -> Iterator[MakeApp]:
-    extensions: list[SigTrace] = []
+def ui_app(request: pytest.FixtureRequest) -> MakeApp:
+    """test_exposition's apps with the page on and ``GET /charge`` sending
+    ``ui-order-placed`` (``?fail=1``: its card receiver raises)."""
+    base: MakeApp = request.getfixturevalue("make_app")
 
-    def make(
-        metrics_auth: Callable[[flask.Request], bool] | None = None,
-        tracer_provider: TracerProvider | None = None,
-        **config: t.Any,
-    ) -> flask.Flask:
-        app = flask.Flask("ui-test")
-        app.config["SIGTRACE_TRACING"] = tracer_provider is not None
-        app.config["SIGTRACE_UI"] = True
-        app.config.update(config)
+    def make(**kwargs: t.Any) -> flask.Flask:
+        app = base(SIGTRACE_UI=True, **kwargs)
 
-        @app.get("/orders")
-        def orders() -> str:
+        @app.get("/charge")
+        def charge() -> str:
             placed.send(app, fail=flask.request.args.get("fail") == "1")
-            return "placed"
+            return "charged"
 
-        extensions.append(
-            SigTrace(
-                app, registry=registry, metrics_auth=metrics_auth, tracer_provider=tracer_provider
-            )
-        )
         return app
 
-    try:
-        yield make
-    finally:
-        for ext in extensions:
-            ext.close()
+    return make
 
 
 def data(client: t.Any, path: str = "/sigtrace/data.json", **headers: str) -> dict[str, t.Any]:
@@ -143,10 +127,10 @@ print(len(provider._active_span_processor._span_processors))
     assert done.stdout.split() == ["404", "False", "0"]
 
 
-def test_on_one_span_processor_per_provider_keeps_the_slow_sends(make_app: MakeApp) -> None:
+def test_on_one_span_processor_per_provider_keeps_the_slow_sends(ui_app: MakeApp) -> None:
     provider = TracerProvider()
-    make_app(tracer_provider=provider)
-    make_app(tracer_provider=provider)  # a second app on the same provider
+    ui_app(tracer_provider=provider)
+    ui_app(tracer_provider=provider)  # a second app on the same provider
     processors = provider._active_span_processor._span_processors
     assert [type(p).__name__ for p in processors] == ["SlowSends"]
 
@@ -199,8 +183,8 @@ def test_ui_settings_defaults_and_values() -> None:
 # Serving and guarding
 
 
-def test_page_and_assets_are_served_by_the_app(make_app: MakeApp) -> None:
-    client = make_app(SIGTRACE_UI_PATH="/ops/signals").test_client()
+def test_page_and_assets_are_served_by_the_app(ui_app: MakeApp) -> None:
+    client = ui_app(SIGTRACE_UI_PATH="/ops/signals").test_client()
     page = client.get("/ops/signals")
     assert page.status_code == 200 and page.content_type == "text/html; charset=utf-8"
     body = page.get_data(as_text=True)
@@ -217,8 +201,8 @@ def test_page_and_assets_are_served_by_the_app(make_app: MakeApp) -> None:
     assert client.get("/ops/signals/index.html").status_code == 404
 
 
-def test_token_guards_the_page_like_the_metrics_route(make_app: MakeApp) -> None:
-    client = make_app(SIGTRACE_METRICS_TOKEN="s3cret").test_client()
+def test_token_guards_the_page_like_the_metrics_route(ui_app: MakeApp) -> None:
+    client = ui_app(SIGTRACE_METRICS_TOKEN="s3cret").test_client()
     for path in ("/sigtrace", "/sigtrace/data.json", "/sigtrace/ui.js"):
         refused = client.get(path)
         assert refused.status_code == 401 == client.get("/metrics").status_code
@@ -227,24 +211,24 @@ def test_token_guards_the_page_like_the_metrics_route(make_app: MakeApp) -> None
         assert client.get(path, headers={"Authorization": "bearer s3cret"}).status_code == 200
 
 
-def test_metrics_auth_guards_the_page(make_app: MakeApp) -> None:
+def test_metrics_auth_guards_the_page(ui_app: MakeApp) -> None:
     def with_cookie(request: flask.Request) -> bool:
         return request.cookies.get("ops") == "yes"
 
-    client = make_app(metrics_auth=with_cookie).test_client()
+    client = ui_app(metrics_auth=with_cookie).test_client()
     assert client.get("/sigtrace").status_code == 403
     assert client.get("/sigtrace/data.json").status_code == 403
     client.set_cookie("ops", "yes")
     assert client.get("/sigtrace/data.json").status_code == 200
 
 
-def test_page_requests_are_not_timed(make_app: MakeApp) -> None:
-    client = make_app().test_client()
-    client.get("/orders")
+def test_page_requests_are_not_timed(ui_app: MakeApp) -> None:
+    client = ui_app().test_client()
+    client.get("/charge")
     for path in ("/sigtrace", "/sigtrace/ui.js", "/sigtrace/data.json"):
         client.get(path)
     endpoints = {e["endpoint"] for e in data(client)["endpoints"]}
-    assert endpoints == {"orders"}
+    assert endpoints == {"charge"}
 
 
 def _http(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -258,12 +242,12 @@ def _http(url: str, token: str | None = None) -> tuple[int, bytes]:
 
 
 def test_the_separate_metrics_port_serves_the_page_with_the_same_guard(
-    make_app: MakeApp,
+    ui_app: MakeApp,
 ) -> None:
-    app = make_app(SIGTRACE_METRICS_PORT=0, SIGTRACE_METRICS_TOKEN="s3cret")
+    app = ui_app(SIGTRACE_METRICS_PORT=0, SIGTRACE_METRICS_TOKEN="s3cret")
     port = app.extensions["sigtrace"].metrics_port
     for _ in range(3):
-        app.test_client().get("/orders")
+        app.test_client().get("/charge")
     base = f"http://127.0.0.1:{port}"
     assert _http(base + "/sigtrace/data.json")[0] == 401
     assert _http(base + "/sigtrace", token="wrong")[0] == 401
@@ -282,12 +266,12 @@ def test_the_separate_metrics_port_serves_the_page_with_the_same_guard(
 
 
 def test_data_has_the_counts_metrics_reports_and_receivers_not_yet_called(
-    make_app: MakeApp,
+    ui_app: MakeApp,
 ) -> None:
-    client = make_app().test_client()
+    client = ui_app().test_client()
     for _ in range(5):
-        client.get("/orders")
-    assert client.get("/orders?fail=1").status_code == 500
+        client.get("/charge")
+    assert client.get("/charge?fail=1").status_code == 500
     document = data(client)
     scrape = samples_from_text(client.get("/metrics").get_data(as_text=True))
     found = receivers(document)
@@ -316,29 +300,29 @@ def test_data_has_the_counts_metrics_reports_and_receivers_not_yet_called(
     assert 0 < charge["p50"] <= charge["p95"] <= charge["p99"]
     signal = next(s for s in document["signals"] if s["name"] == "ui-order-placed")
     assert signal["sends"] == 6
-    (orders,) = document["endpoints"]
-    assert (orders["method"], orders["endpoint"], orders["calls"]) == ("GET", "orders", 6)
-    assert orders["errors"] == 1
-    assert orders["exceptions"] == [{"name": "LookupError", "count": 1}]
+    (charge,) = document["endpoints"]
+    assert (charge["method"], charge["endpoint"], charge["calls"]) == ("GET", "charge", 6)
+    assert charge["errors"] == 1
+    assert charge["exceptions"] == [{"name": "LookupError", "count": 1}]
     assert document["merged"] is False and document["recording"] is False
 
 
-def _traced_app(make_app: MakeApp, **config: t.Any) -> tuple[flask.Flask, TracerProvider]:
+def _traced_app(ui_app: MakeApp, **config: t.Any) -> tuple[flask.Flask, TracerProvider]:
     provider = TracerProvider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return make_app(tracer_provider=provider, **config), provider
+    return ui_app(tracer_provider=provider, **config), provider
 
 
-def test_slow_and_failed_sends_are_kept_with_their_receivers(make_app: MakeApp) -> None:
+def test_slow_and_failed_sends_are_kept_with_their_receivers(ui_app: MakeApp) -> None:
     app, _ = _traced_app(
-        make_app,
+        ui_app,
         SIGTRACE_SLOW_THRESHOLD=1e-9,  # every send is slow
         SIGTRACE_TRACE_URL="http://jaeger.example/trace/{trace_id}",
     )
     client = app.test_client()
-    client.get("/orders")
-    assert client.get("/orders?fail=1").status_code == 500
+    client.get("/charge")
+    assert client.get("/charge?fail=1").status_code == 500
     document = data(client)
     assert document["recording"] is True
     assert document["trace_url"] == "http://jaeger.example/trace/{trace_id}"
@@ -356,21 +340,21 @@ def test_slow_and_failed_sends_are_kept_with_their_receivers(make_app: MakeApp) 
 
 
 def test_fast_sends_are_not_kept_failed_ones_are_and_the_ring_is_bounded(
-    make_app: MakeApp,
+    ui_app: MakeApp,
 ) -> None:
-    app, _ = _traced_app(make_app, SIGTRACE_SLOW_THRESHOLD=3600)
+    app, _ = _traced_app(ui_app, SIGTRACE_SLOW_THRESHOLD=3600)
     client = app.test_client()
     for _ in range(5):
-        client.get("/orders")
+        client.get("/charge")
     assert data(client)["recent"] == []
     for _ in range(RECENT_SENDS + 5):
-        assert client.get("/orders?fail=1").status_code == 500
+        assert client.get("/charge?fail=1").status_code == 500
     recent = data(client)["recent"]
     assert len(recent) == RECENT_SENDS
     assert all(send["error"] == "LookupError" for send in recent)
 
 
-def test_names_are_data_not_markup(make_app: MakeApp) -> None:
+def test_names_are_data_not_markup(ui_app: MakeApp) -> None:
     hostile = blinker.Namespace().signal("<script>alert('signal')</script>")
 
     def receiver(sender: object, **kwargs: object) -> None:
@@ -378,7 +362,7 @@ def test_names_are_data_not_markup(make_app: MakeApp) -> None:
 
     receiver.__qualname__ = "<img src=x onerror=alert(1)>"
     hostile.connect(receiver)
-    app = make_app()
+    app = ui_app()
     hostile.send(app)
     document = data(app.test_client())
     key = ("<script>alert('signal')</script>", "tests.test_ui.<img src=x onerror=alert(1)>")
