@@ -51,7 +51,7 @@ REFRESH_SECONDS = 5
 """How often the page asks for new data."""
 
 _STAGED_RECEIVER_SPANS = 1024
-"""Receiver spans kept by reference until their signal span ends (a ring)."""
+"""Receiver spans remembered (a ring) until their signal span ends."""
 
 _INVENTORY_TTL = 10.0
 """Seconds the list of connected receivers is reused (it scans the heap once)."""
@@ -80,41 +80,61 @@ _HTTP_EXCEPTIONS = "sigtrace_http_request_exceptions_total"
 # Slow sends, from the spans
 
 
+_Staged = tuple[int, int, int, str, "str | None"]
+"""What a receiver span leaves in the staging ring: its parent's span id, start
+and end (ns), receiver name and error. Not the span: the ring must not keep
+1,024 spans and their attributes alive."""
+
+_RECEIVER_PREFIX = "receiver "
+_SIGNAL_PREFIX = "signal "
+
+
 class SlowSends(SpanProcessor):
     """Keeps the last :data:`RECENT_SENDS` signal spans over the threshold or failed.
 
     ``on_end`` sees every span of the provider. A receiver span of sigtrace's
-    is appended by reference to a bounded staging ring (one C call); a signal
-    span is dropped at once unless it is slow or failed, and only then are its
-    receiver spans looked up in the staging ring and the send written to the
+    leaves its parent's id, times, name and error in a bounded staging ring; a
+    signal span is dropped at once unless it is slow or failed, and only then
+    are its receivers looked up in the staging ring and the send written to the
     ring of recent sends. The ring is this process's: under several workers
     each keeps its own.
     """
 
     def __init__(self, threshold: float) -> None:
         self.threshold_ns = int(threshold * 1e9)
-        self._staged: collections.deque[ReadableSpan] = collections.deque(
-            maxlen=_STAGED_RECEIVER_SPANS
-        )
-        self._stage = self._staged.append
+        self._staged: collections.deque[_Staged] = collections.deque(maxlen=_STAGED_RECEIVER_SPANS)
         self._sends: collections.deque[dict[str, t.Any]] = collections.deque(maxlen=RECENT_SENDS)
 
     def on_start(self, span: t.Any, parent_context: t.Any = None) -> None:
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
+        # Every span of the provider passes here: sigtrace's are told by their
+        # name and tracer, through the SDK's cheapest accessors (never
+        # ``.attributes``, which copies, but for a send that is kept).
         try:
-            attributes = span.attributes or {}
-            if tracing.ATTR_SIGNAL_NAME not in attributes:
+            name = span.name
+            receiver = name.startswith(_RECEIVER_PREFIX)
+            if not receiver and not name.startswith(_SIGNAL_PREFIX):
                 return
-            if tracing.CODE_FUNCTION_NAME in attributes:
-                self._stage(span)  # a receiver span: its send may turn out slow
+            scope = span.instrumentation_scope
+            if scope is None or scope.name != tracing.TRACER_NAME:
                 return
             started, ended = span.start_time or 0, span.end_time or 0
             failed = span.status.status_code is StatusCode.ERROR
-            if ended - started <= self.threshold_ns and not failed:
-                return
-            self._sends.append(self._send(span, started, ended, failed))
+            if receiver:  # its send may turn out slow
+                parent = span.parent
+                self._staged.append(
+                    (
+                        parent.span_id if parent is not None else 0,
+                        started,
+                        ended,
+                        name[len(_RECEIVER_PREFIX) :],
+                        _error_of(span) if failed else None,
+                    )
+                )
+            elif failed or ended - started > self.threshold_ns:
+                self._sends.append(self._send(span, started, ended, failed))
         except Exception:
             internal_error("ui slow sends")
 
@@ -124,23 +144,23 @@ class SlowSends(SpanProcessor):
         span_id = context.span_id if context is not None else 0
         expected = attributes.get(tracing.ATTR_RECEIVERS_CALLED)
         wanted = expected if isinstance(expected, int) else _STAGED_RECEIVER_SPANS
-        children = []
+        children: list[_Staged] = []
         for staged in reversed(list(self._staged)):  # the list: a snapshot of the ring
-            if staged.parent is not None and staged.parent.span_id == span_id:
+            if staged[0] == span_id:
                 children.append(staged)
                 if len(children) >= wanted:
                     break
         receivers = [
             {
-                "name": str((child.attributes or {}).get(tracing.CODE_FUNCTION_NAME, "?")),
-                "start": ((child.start_time or 0) - started) / 1e9,
-                "seconds": ((child.end_time or 0) - (child.start_time or 0)) / 1e9,
-                "error": _error_of(child),
+                "name": receiver,
+                "start": (start - started) / 1e9,
+                "seconds": (end - start) / 1e9,
+                "error": error,
             }
-            for child in sorted(children, key=lambda c: c.start_time or 0)
+            for _, start, end, receiver, error in sorted(children, key=lambda c: c[1])
         ]
         return {
-            "signal": str(attributes.get(tracing.ATTR_SIGNAL_NAME, "?")),
+            "signal": str(attributes.get(tracing.ATTR_SIGNAL_NAME, span.name)),
             "trace_id": format(context.trace_id, "032x") if context is not None else "",
             "at": started / 1e9,
             "seconds": (ended - started) / 1e9,
