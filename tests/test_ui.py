@@ -354,6 +354,18 @@ def test_fast_sends_are_not_kept_failed_ones_are_and_the_ring_is_bounded(
     assert all(send["error"] == "LookupError" for send in recent)
 
 
+def test_a_signal_subclass_with_odd_receivers_does_not_break_the_page(ui_app: MakeApp) -> None:
+    class Odd(blinker.Signal):
+        pass
+
+    odd = Odd()
+    odd.receivers = [ship_order]  # type: ignore[assignment]  # not blinker's mapping
+    client = ui_app().test_client()
+    client.get("/charge")
+    assert receivers(data(client))[("ui-order-placed", CHARGE)]["calls"] == 1
+    assert odd.receivers
+
+
 def test_names_are_data_not_markup(ui_app: MakeApp) -> None:
     hostile = blinker.Namespace().signal("<script>alert('signal')</script>")
 

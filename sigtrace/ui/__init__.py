@@ -85,6 +85,7 @@ _Staged = tuple[int, int, int, str, "str | None"]
 and end (ns), receiver name and error. Not the span: the ring must not keep
 1,024 spans and their attributes alive."""
 
+_ERROR = StatusCode.ERROR  # once: looking an Enum member up is slow on Python 3.11
 _RECEIVER_PREFIX = "receiver "
 _SIGNAL_PREFIX = "signal "
 
@@ -109,24 +110,28 @@ class SlowSends(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        # Every span of the provider passes here: sigtrace's are told by their
-        # name and tracer, through the SDK's cheapest accessors (never
-        # ``.attributes``, which copies, but for a send that is kept).
+        # Every span of the provider passes here, so this reads the SDK span's
+        # fields directly: its public properties are a Python call each (about
+        # 2,000 instructions apiece under CPython 3.11), and ``.attributes``
+        # copies. Should the SDK rename them, the AttributeError is reported
+        # once by internal_error and the page lists no slow sends; the app is
+        # untouched (tests/test_ui.py would fail).
         try:
-            name = span.name
+            name: str = span._name
             receiver = name.startswith(_RECEIVER_PREFIX)
             if not receiver and not name.startswith(_SIGNAL_PREFIX):
                 return
-            scope = span.instrumentation_scope
-            if scope is None or scope.name != tracing.TRACER_NAME:
+            scope = span._instrumentation_scope
+            if scope is None or scope._name != tracing.TRACER_NAME:
                 return
-            started, ended = span.start_time or 0, span.end_time or 0
-            failed = span.status.status_code is StatusCode.ERROR
+            started: int = span._start_time or 0
+            ended: int = span._end_time or 0
+            failed = span._status._status_code is _ERROR
             if receiver:  # its send may turn out slow
-                parent = span.parent
+                parent = span._parent  # a SpanContext: a tuple whose [1] is the span id
                 self._staged.append(
                     (
-                        parent.span_id if parent is not None else 0,
+                        parent[1] if parent is not None else 0,
                         started,
                         ended,
                         name[len(_RECEIVER_PREFIX) :],
@@ -185,7 +190,7 @@ class SlowSends(SpanProcessor):
 
 
 def _error_of(span: ReadableSpan) -> str | None:
-    if span.status.status_code is not StatusCode.ERROR:
+    if span.status.status_code is not _ERROR:
         return None
     kind = (span.attributes or {}).get(tracing.ERROR_TYPE)
     return str(kind) if kind else "error"
@@ -369,7 +374,11 @@ class Dashboard:
         with self._lock:
             now = time.monotonic()
             if self._inventory is None or now - self._inventory[0] > _INVENTORY_TTL:
-                self._inventory = (now, signal_inventory(None, metrics=False))
+                try:
+                    self._inventory = (now, signal_inventory(None, metrics=False))
+                except Exception:
+                    internal_error("ui inventory")  # the page shows what the metrics have
+                    self._inventory = (now, [])
             return self._inventory[1]
 
     def data(self) -> dict[str, t.Any]:
