@@ -149,12 +149,7 @@ class SlowSends(SpanProcessor):
         span_id = context.span_id if context is not None else 0
         expected = attributes.get(tracing.ATTR_RECEIVERS_CALLED)
         wanted = expected if isinstance(expected, int) else _STAGED_RECEIVER_SPANS
-        children: list[_Staged] = []
-        for staged in reversed(list(self._staged)):  # the list: a snapshot of the ring
-            if staged[0] == span_id:
-                children.append(staged)
-                if len(children) >= wanted:
-                    break
+        children = self._children(span_id, wanted)
         receivers = [
             {
                 "name": receiver,
@@ -174,6 +169,22 @@ class SlowSends(SpanProcessor):
             "receivers_called": expected if isinstance(expected, int) else len(receivers),
             "pid": os.getpid(),
         }
+
+    def _children(self, span_id: int, wanted: int) -> list[_Staged]:
+        """The staged receiver spans of ``span_id``, newest first: they ended just
+        before their signal span, so the walk back usually stops after a few."""
+        for ring in (self._staged, list(self._staged)):
+            children: list[_Staged] = []
+            try:
+                for staged in reversed(ring):
+                    if staged[0] == span_id:
+                        children.append(staged)
+                        if len(children) >= wanted:
+                            break
+            except RuntimeError:  # another thread's span changed the ring: walk a copy
+                continue
+            return children
+        return []  # pragma: no cover - a list copy does not change
 
     def recent(self) -> list[dict[str, t.Any]]:
         return list(self._sends)
