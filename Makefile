@@ -7,7 +7,7 @@ PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench bench-quick dashboards clean
+.PHONY: demo test lint typecheck unit bench bench-quick dashboards screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The README's picture of the signals page (docs/images/ui.png): the browser test
+## (headless Chromium; Debian's chromium and chromium-driver) saves it.
+screenshot: $(STAMP)
+	UI_SCREENSHOT=docs/images/ui.png $(BIN)/pytest tests/test_ui_browser.py -q -p no:cacheprovider
 
 ## Benchmarks: per-send and per-request, side by side with the peers.
 bench: $(STAMP)

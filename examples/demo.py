@@ -1,7 +1,8 @@
 """The main job: the signup app under SigTrace, with traffic, /metrics and span trees.
 
 ``python -m examples.demo`` (or ``make demo``) serves the app on 127.0.0.1,
-drives a little traffic against itself and serves ``/metrics``. For each
+drives a little traffic against itself and serves ``/metrics`` and the signals
+page (``SIGTRACE_UI``) at ``/sigtrace``. For each
 request it traces it prints the span tree with durations (the slowest receiver
 of each send marked), and every few seconds a short table of the slowest
 receivers (calls, p50, p99, errors) read from the metrics. ``--raw-spans``
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     provider = _tracer_provider(exporting)
     processor = _RawSpans(write) if args.raw_spans else SpanTreePrinter(write)
     provider.add_span_processor(processor)  # printed as each span ends
-    app = create_app()
+    app = create_app(SIGTRACE_UI=True)  # the signals page at /sigtrace
     errors = logging.StreamHandler(sys.stdout)
     errors.setFormatter(_OneLineErrors())
     app.logger.handlers[:] = [errors]
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{args.host}:{listener.getsockname()[1]}"
     print(f"sigtrace demo listening on {base}", flush=True)
     print(f"  metrics:  {base}/metrics", flush=True)
+    print(f"  page:     {base}/sigtrace  (signal map, receivers, slow sends)", flush=True)
     shown = "one line per span" if args.raw_spans else "one span tree per request"
     print(
         f"  spans:    printed below, {shown}" + (", and exported over OTLP" if exporting else ""),

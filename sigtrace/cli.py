@@ -225,7 +225,11 @@ def signal_inventory(registry: CollectorRegistry | None, metrics: bool) -> list[
     for signal in known_signals():
         name = dispatch.label_of(signal) or _owner_name(signal)
         receivers = []
-        for receiver, weak, senders in dispatch.connections(signal):
+        try:
+            connected = dispatch.connections(signal)
+        except Exception:  # a subclass whose receivers are not blinker's mapping
+            connected = []
+        for receiver, weak, senders in connected:
             row = ReceiverRow(
                 naming.receiver_name(receiver),
                 "weak" if weak else "strong",

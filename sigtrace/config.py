@@ -190,17 +190,53 @@ def _positive_int(value: object) -> int:
     return number
 
 
-def _publish_interval(value: object) -> float:
-    expected = f"a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}"
+def _seconds(value: object, expected: str, within: t.Callable[[float], bool]) -> float:
+    """A number of seconds (not a bool) for which ``within`` holds (NaN never does)."""
     if isinstance(value, bool):
         raise TypeError(expected)
     try:
         seconds = float(t.cast(t.Any, value))
     except (TypeError, ValueError, OverflowError):
         raise TypeError(expected) from None
-    if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:  # NaN too
+    if not within(seconds):
         raise TypeError(expected)
     return seconds
+
+
+def _publish_interval(value: object) -> float:
+    expected = f"a number of seconds from {MIN_INTERVAL:g} to {MAX_INTERVAL:g}"
+    return _seconds(value, expected, lambda seconds: MIN_INTERVAL <= seconds <= MAX_INTERVAL)
+
+
+def _slow_threshold(value: object) -> float:
+    expected = f"a positive number of seconds up to {MAX_SLOW_THRESHOLD:g}"
+    return _seconds(value, expected, lambda seconds: 0 < seconds <= MAX_SLOW_THRESHOLD)
+
+
+def _ui_path(value: object) -> str:
+    path = _path(value)
+    if path in ("", "/"):
+        raise TypeError("a URL path below '/', e.g. '/sigtrace'")
+    return path.rstrip("/")
+
+
+def _trace_url(value: object) -> str | None:
+    # The template becomes a link on the UI page: only http(s), never javascript: etc.
+    expected = (
+        "an http:// or https:// URL template containing {trace_id}, e.g. "
+        "http://localhost:16686/trace/{trace_id} (or leave it unset)"
+    )
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "{trace_id}" not in value:
+        raise TypeError(expected)
+    try:
+        url = _endpoint(value.replace("{trace_id}", "0"))
+    except TypeError:
+        url = None
+    if url is None or any(ch.isspace() for ch in value.strip()):
+        raise TypeError(expected) from None
+    return value.strip()
 
 
 def _span_mode(value: object) -> str:
@@ -244,6 +280,10 @@ def _path_patterns_note(value: object) -> str | None:
             f"{', '.join(map(repr, literal))}: a '[' without a closing ']' is matched literally"
         )
     return "; ".join(notes) or None
+
+
+MAX_SLOW_THRESHOLD = 3600.0
+"""Upper bound of ``SIGTRACE_SLOW_THRESHOLD`` in seconds."""
 
 
 class _Key(t.NamedTuple):
@@ -295,6 +335,12 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": _Key(
         _bool, False, "accept a multiprocess directory other users can write or own"
     ),
+    "SIGTRACE_SLOW_THRESHOLD": _Key(
+        _slow_threshold, 0.001, "seconds above which a send counts as slow"
+    ),
+    "SIGTRACE_UI": _Key(_bool, False, "serve the signals page"),
+    "SIGTRACE_UI_PATH": _Key(_ui_path, "/sigtrace", "route of the signals page"),
+    "SIGTRACE_TRACE_URL": _Key(_trace_url, None, "trace link template with {trace_id}"),
 }
 
 
@@ -748,6 +794,10 @@ class Settings:
     console_spans: bool = False
     publish_interval: float = 1.0
     multiproc_allow_shared_dir: bool = False
+    slow_threshold: float = 0.001
+    ui: bool = False
+    ui_path: str = "/sigtrace"
+    trace_url: str | None = None
 
     def instrument_options(self, registry: t.Any, tracer_provider: t.Any) -> Options:
         """The process-wide instrumentation these settings ask for."""

@@ -6,6 +6,7 @@ app (``make_wsgi_app``) served by its threading WSGI server is the separate
 exposition server (``SIGTRACE_METRICS_PORT``), which negotiates the format the
 same way. That server is guarded like the app route: the bearer token
 (``SIGTRACE_METRICS_TOKEN``, 401 without it) and ``metrics_auth`` (403). With
+``SIGTRACE_UI`` on, it also serves the signals page under the same guard. With
 ``PROMETHEUS_MULTIPROC_DIR`` set, the exposed registry sums every worker's
 sigtrace metrics (:class:`sigtrace.multiprocess_directory.PublishedTotalsCollector`,
 which publishes the scraped worker's own values first) plus the app's own
@@ -44,8 +45,10 @@ __all__ = [
     "ServerConflict",
     "bearer_token_matches",
     "exposition_registry",
+    "published_totals",
     "negotiate",
     "render",
+    "serve_page",
     "start_configured_server",
     "start_server",
     "stop_server",
@@ -57,18 +60,22 @@ Check = Callable[[t.Any], bool]
 _STOP_TIMEOUT = 5.0  # seconds to wait for the serving thread after shutdown
 
 
+def published_totals(path: str) -> multiprocess_directory.PublishedTotalsCollector:
+    """Every worker's sigtrace metrics in ``path``, read as a scrape reads them (this
+    process's values published first, and taken from memory in place of its file)."""
+    return multiprocess_directory.PublishedTotalsCollector(
+        path,
+        before_read=multiprocess_publisher.publish_all,
+        local=multiprocess_publisher.local_documents,
+    )
+
+
 def exposition_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
     """The registry to expose: all workers' in multiprocess mode, else ``registry``."""
     path = multiprocess_directory.directory()
     if path is not None:
         merged = CollectorRegistry()
-        merged.register(
-            multiprocess_directory.PublishedTotalsCollector(
-                path,
-                before_read=multiprocess_publisher.publish_all,
-                local=multiprocess_publisher.local_documents,
-            )
-        )
+        merged.register(published_totals(path))
         merged.register(_ClientFiles(path))
         return merged
     return prometheus_client.REGISTRY if registry is None else registry
@@ -132,10 +139,21 @@ class _QuietHandler(WSGIRequestHandler):
         return None
 
 
+class Page(t.Protocol):
+    """The signals page (:class:`sigtrace.ui.Dashboard`) as the server needs it."""
+
+    path: str
+
+    def respond(
+        self, subpath: str, script_root: str
+    ) -> tuple[int, bytes, list[tuple[str, str]]]: ...
+
+
 def _guarded_app(
-    registry: CollectorRegistry, token: str | None, check: Check | None
+    registry: CollectorRegistry, token: str | None, check: Check | None, server: _Server | None
 ) -> Callable[[dict[str, t.Any], t.Any], Iterable[bytes]]:
-    """prometheus-client's WSGI app behind the token and ``metrics_auth``."""
+    """prometheus-client's WSGI app behind the token and ``metrics_auth``, and the
+    signals page of ``server.ui`` at its path when there is one."""
     serve = prometheus_client.make_wsgi_app(registry)
 
     def app(environ: dict[str, t.Any], start_response: t.Any) -> Iterable[bytes]:
@@ -157,13 +175,27 @@ def _guarded_app(
             choose_encoder(environ.get("HTTP_ACCEPT") or "")
         except Exception:  # unreadable: the text format, as on the route (negotiate)
             environ["HTTP_ACCEPT"] = ""
+        page = server.ui if server is not None else None
+        path = environ.get("PATH_INFO", "")
+        if page is not None and (path == page.path or path.startswith(page.path + "/")):
+            status, body, headers = page.respond(
+                path[len(page.path) :], environ.get("SCRIPT_NAME", "")
+            )
+            start_response(f"{status} {'OK' if status == 200 else 'Not Found'}", headers)
+            return [body]
         return t.cast(Iterable[bytes], serve(environ, start_response))
 
     return app
 
 
-def _bind(port: int, addr: str, registry: CollectorRegistry, token: str | None,
-          check: Check | None) -> t.Any:  # fmt: skip
+def _bind(
+    port: int,
+    addr: str,
+    registry: CollectorRegistry,
+    token: str | None,
+    check: Check | None,
+    holder: _Server,
+) -> t.Any:
     """What ``prometheus_client.start_http_server`` does, with a guarded app
     (it takes no app of ours): its threading WSGI server, IPv6 when ``addr`` is."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
@@ -172,7 +204,11 @@ def _bind(port: int, addr: str, registry: CollectorRegistry, token: str | None,
         address_family = family
 
     return make_server(
-        addr, port, _guarded_app(registry, token, check), Server, handler_class=_QuietHandler
+        addr,
+        port,
+        _guarded_app(registry, token, check, holder),
+        Server,
+        handler_class=_QuietHandler,
     )
 
 
@@ -184,12 +220,21 @@ class _Server:
     the parent's: the child may reuse it (counted) but never shuts it down.
     """
 
-    def __init__(self, server: t.Any, token: str | None, check: Check | None) -> None:
-        self.server = server
+    component: lifecycle.Component
+    """Serves :attr:`server` while acquired (set by :meth:`bind`)."""
+
+    def __init__(self, token: str | None, check: Check | None, ui: Page | None) -> None:
+        self.server: t.Any = None
         self.token = token
         self.check = check
+        self.ui = ui
+        """The signals page served at its path, if SIGTRACE_UI is on (the first app's)."""
         self.pid = os.getpid()
         self.thread: threading.Thread | None = None
+
+    def bind(self, server: t.Any) -> None:
+        """Take the bound ``server``; its :attr:`component` serves it once acquired."""
+        self.server = server
         self.component = lifecycle.Component(
             f"sigtrace-metrics {server.server_address[0]}:{server.server_port}",
             lifecycle.Order.SERVER,
@@ -227,10 +272,13 @@ def start_server(
     *,
     token: str | None = None,
     check: Check | None = None,
+    ui: Page | None = None,
 ) -> int:
     """Start the exposition server on ``addr:port`` (0: any free port); return
     the bound port. With ``token`` it answers 401 without ``Authorization:
     Bearer <token>``; with ``check`` 403 when ``check(request)`` is false.
+    With ``ui`` it serves that signals page at its path, guarded the same way
+    (a running server without a page takes the first one it is given).
 
     A fixed port already served (by this process or the parent it was forked
     from) is reused and counted, not bound again; it must be guarded by the
@@ -259,13 +307,23 @@ def start_server(
                     "SIGTRACE_METRICS_TOKEN instead"
                 )
             lifecycle.acquire(running.component)
+            if running.ui is None:
+                running.ui = ui
             return port
-        running = _Server(_bind(port, addr, exposition_registry(registry), token, check),
-                          token, check)  # fmt: skip
+        running = _Server(token, check, ui)
+        running.bind(_bind(port, addr, exposition_registry(registry), token, check, running))
         lifecycle.acquire(running.component)  # serves it
         bound = int(running.server.server_port)
         _servers[(addr, bound)] = running
         return bound
+
+
+def serve_page(port: int, addr: str, ui: Page) -> None:
+    """Serve ``ui`` on the running server of ``addr:port`` too, unless it has a page."""
+    with _servers_lock:
+        running = _servers.get((addr, port))
+        if running is not None and running.ui is None:
+            running.ui = ui
 
 
 def stop_server(port: int, addr: str) -> None:
@@ -284,6 +342,7 @@ def start_configured_server(
     check: Check | None = None,
     *,
     gunicorn_master: bool = False,
+    ui: Page | None = None,
 ) -> int:
     """:func:`start_server` on ``SIGTRACE_METRICS_PORT`` / ``SIGTRACE_METRICS_ADDR``,
     guarded by ``SIGTRACE_METRICS_TOKEN`` and ``check``: a failure is a
@@ -294,7 +353,7 @@ def start_configured_server(
 
     port, addr = t.cast(int, settings.metrics_port), settings.metrics_addr
     try:
-        return start_server(port, addr, registry, token=settings.metrics_token, check=check)
+        return start_server(port, addr, registry, token=settings.metrics_token, check=check, ui=ui)
     except ServerConflict as error:
         raise ConfigError(f"SIGTRACE_METRICS_PORT={port!r}: {error}") from None
     except OSError as error:

@@ -75,6 +75,7 @@ _KNOWN_METHODS = frozenset(
 )
 _ENVIRON_KEY = "sigtrace.request"
 _METRICS_ENDPOINT = "sigtrace_metrics"
+_UI_ENDPOINT = "sigtrace_ui"
 
 
 class _AppState:
@@ -85,9 +86,10 @@ class _AppState:
         self.settings = settings
         self.metrics = metrics
         self.tracer = tracing.get_tracer(ext.tracer_provider) if settings.tracing else None
-        self.is_excluded = _path_matcher(
-            (*settings.excluded_paths, *((settings.metrics_path,) if settings.metrics_path else ()))
-        )
+        own_paths: tuple[str, ...] = (settings.metrics_path,) if settings.metrics_path else ()
+        if settings.ui:
+            own_paths += (settings.ui_path, settings.ui_path + "/*")
+        self.is_excluded = _path_matcher((*settings.excluded_paths, *own_paths))
         # OTel's regexes (OTEL_PYTHON_FLASK_EXCLUDED_URLS, else OTEL_PYTHON_EXCLUDED_URLS),
         # searched in the full URL as opentelemetry-instrumentation-flask does; the
         # invalid ones left out (check_environment warned about them)
@@ -105,6 +107,8 @@ class _AppState:
         """Bound port of the separate exposition server (SIGTRACE_METRICS_PORT)."""
         self.publisher: multiprocess_publisher.Publisher | None = None
         """Publishes this process's metrics under PROMETHEUS_MULTIPROC_DIR."""
+        self.dashboard: t.Any = None
+        """The signals page (sigtrace.ui.Dashboard) when SIGTRACE_UI is on."""
         self.stops: list[t.Callable[[], object]] = []
         """What undoes each thing init_app started for this app, in start order."""
 
@@ -403,6 +407,8 @@ class SigTrace:
             multiprocess_publisher.check_at_init(path, settings.multiproc_allow_shared_dir)
         if settings.metrics and settings.metrics_path:
             check_route(app, "SIGTRACE_METRICS_PATH", settings.metrics_path)
+        if settings.ui:
+            check_route(app, "SIGTRACE_UI_PATH", settings.ui_path)
         if settings.metrics and settings.metrics_port is not None:
             check_exposure(settings, self.metrics_auth is not None)
         undo: list[t.Callable[[], object]] = []
@@ -466,9 +472,36 @@ class SigTrace:
                 _METRICS_ENDPOINT,
                 self._metrics_view,
             )
+        if settings.ui:
+            self._serve_page(app, state)
 
-    def _metrics_view(self) -> flask.Response:
-        state: _AppState = flask.current_app.extensions["sigtrace"]
+    def _serve_page(self, app: flask.Flask, state: _AppState) -> None:
+        """The signals page (SIGTRACE_UI) on the app and on the metrics port; slow
+        sends are taken from the spans of the provider set up by now."""
+        from . import ui
+
+        settings = state.settings
+        state.dashboard = ui.Dashboard(
+            path=settings.ui_path,
+            app_name=app.name,
+            metrics=state.metrics,
+            tracer_provider=self.tracer_provider,
+            tracing_enabled=settings.tracing,
+            slow_threshold=settings.slow_threshold,
+            trace_url=settings.trace_url,
+        )
+        lifecycle.acquire(ui.COMPONENT)
+        state.stops.append(functools.partial(lifecycle.release, ui.COMPONENT))
+        for rule in (settings.ui_path, settings.ui_path + "/<path:subpath>"):
+            add_route(app, "SIGTRACE_UI_PATH", rule, _UI_ENDPOINT, self._ui_view)
+        if state.metrics_port is not None:
+            from .exposition import serve_page
+
+            serve_page(state.metrics_port, settings.metrics_addr, state.dashboard)
+
+    def _refusal(self, state: _AppState) -> flask.Response | None:
+        """The metrics routes' guard (/metrics and the UI): 401 without the bearer
+        token when one is set, 403 when ``metrics_auth`` says no, else None."""
         request = flask.request
         token = state.settings.metrics_token
         if token is not None:
@@ -478,10 +511,29 @@ class SigTrace:
                 return flask.Response("unauthorized\n", 401, {"WWW-Authenticate": "Bearer"})
         if self.metrics_auth is not None and not self.metrics_auth(request._get_current_object()):  # type: ignore[attr-defined]
             return flask.Response("forbidden\n", 403)
+        return None
+
+    def _metrics_view(self) -> flask.Response:
+        state: _AppState = flask.current_app.extensions["sigtrace"]
+        refused = self._refusal(state)
+        if refused is not None:
+            return refused
+        request = flask.request
         from .exposition import render
 
         body, content_type = render(self.registry, request.headers.get("Accept", ""))
         return flask.Response(body, 200, {"Content-Type": content_type})
+
+    def _ui_view(self, subpath: str = "") -> flask.Response:
+        state: _AppState = flask.current_app.extensions["sigtrace"]
+        refused = self._refusal(state)
+        if refused is not None:
+            return refused
+        request = flask.request
+        status, body, headers = state.dashboard.respond(
+            "/" + subpath if subpath else "", request.script_root
+        )
+        return flask.Response(body, status, headers)
 
     def close(self) -> None:
         """Undo this extension's instrumentation (tests, app shutdown).

@@ -17,7 +17,8 @@ merged.
 * :func:`worker_exit` (in a worker, as it exits) publishes its last values.
 * :func:`child_exit` (in the master) archives the dead worker's file and
   removes its prometheus-client live-gauge files.
-* :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT``.
+* :func:`when_ready` (in the master) serves ``SIGTRACE_METRICS_PORT`` (and the
+  signals page with ``SIGTRACE_UI``).
 
 Apart from :func:`on_starting`'s refusal at start, no hook lets an exception
 of sigtrace reach gunicorn: it is logged, and the server goes on.
@@ -139,7 +140,22 @@ def when_ready(server: t.Any) -> None:
     from .exposition import start_configured_server
 
     check_exposure(settings, metrics_auth=False)
-    port = start_configured_server(settings, None, gunicorn_master=True)
+    page = None
+    if settings.ui:
+        from .ui import Dashboard
+
+        # The master records nothing itself: the page shows the workers' merged
+        # metrics; slow sends are kept by each worker, so it has none.
+        page = Dashboard(
+            path=settings.ui_path,
+            app_name="gunicorn master",
+            metrics=None,
+            tracer_provider=None,
+            tracing_enabled=False,
+            slow_threshold=settings.slow_threshold,
+            trace_url=settings.trace_url,
+        )
+    port = start_configured_server(settings, None, gunicorn_master=True, ui=page)
     server.log.info(
         "sigtrace: serving all workers' metrics on http://%s:%d/metrics",
         settings.metrics_addr,

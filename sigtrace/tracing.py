@@ -52,6 +52,9 @@ SPAN_MODES: tuple[str, ...] = ("all", "signals", "receivers", "none")
 
 INTERNAL = SpanKind.INTERNAL
 
+TRACER_NAME = "sigtrace"
+"""The instrumentation scope of sigtrace's spans."""
+
 
 def _span_key() -> str:
     """The key the current span has in a Context, learnt through the public API."""
@@ -97,8 +100,8 @@ def get_tracer(provider: trace.TracerProvider | None = None) -> trace.Tracer:
     configured later (after fork, after sigtrace was imported).
     """
     if provider is None:
-        return trace.get_tracer("sigtrace", __version__)
-    return provider.get_tracer("sigtrace", __version__)
+        return trace.get_tracer(TRACER_NAME, __version__)
+    return provider.get_tracer(TRACER_NAME, __version__)
 
 
 def qualified_class_name(exc: BaseException) -> str:

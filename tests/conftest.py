@@ -24,13 +24,13 @@ if t.TYPE_CHECKING:
     from tests.servers import Server  # which imports this module
 
 
-def require_tool(name: str) -> str:
+def require_tool(name: str, packages: str = "prometheus docker-compose") -> str:
     """Path of an external tool; skip without it, fail under STRICT_REAL_COMPONENTS."""
     path = shutil.which(name)
     if path is None:
         message = (
             f"{name} is not installed: install Debian's package "
-            "(apt-get install --no-install-recommends prometheus docker-compose)"
+            f"(apt-get install --no-install-recommends {packages})"
         )
         if os.environ.get("STRICT_REAL_COMPONENTS"):
             pytest.fail(message + " [STRICT_REAL_COMPONENTS is set, so this cannot skip]")

@@ -432,6 +432,10 @@ BAD_VALUES: dict[str, object] = {
     "SIGTRACE_CONSOLE_SPANS": "loud",
     "SIGTRACE_PUBLISH_INTERVAL": 0,
     "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": "perhaps",
+    "SIGTRACE_SLOW_THRESHOLD": -1,
+    "SIGTRACE_UI": "perhaps",
+    "SIGTRACE_UI_PATH": "/",
+    "SIGTRACE_TRACE_URL": "http://jaeger.example/trace/",
 }
 
 

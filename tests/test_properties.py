@@ -497,6 +497,17 @@ BAD_VALUES: dict[str, list[object]] = {
     "SIGTRACE_CONSOLE_SPANS": ["loud", 3],
     "SIGTRACE_PUBLISH_INTERVAL": [0, -1, "soon", True, math.inf, math.nan, None, [1], 0.001, 61],
     "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": ["perhaps", 2, None],
+    "SIGTRACE_SLOW_THRESHOLD": [0, -1, "soon", True, math.inf, math.nan, None, 3601, [1]],
+    "SIGTRACE_UI": ["perhaps", 2, None],
+    "SIGTRACE_UI_PATH": ["", "/", "ui", 5, None],
+    "SIGTRACE_TRACE_URL": [
+        "http://jaeger/trace/",
+        "javascript:alert(1)//{trace_id}",
+        "/trace/{trace_id}",
+        "http://a b/{trace_id}",
+        5,
+        ["http://x/{trace_id}"],
+    ],
 }
 
 

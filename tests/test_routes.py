@@ -107,3 +107,31 @@ def test_check_route_and_add_route_serve_any_sigtrace_route() -> None:
     with pytest.raises(ConfigError, match=r"collides with sigtrace's SIGTRACE_UI_PATH"):
         app.add_url_rule("/sigtrace/<part>", "mine", lambda part: part)
     assert app.test_client().get("/sigtrace/ui").text == "ui"
+
+
+@pytest.mark.parametrize(
+    ("app_rule", "ui_path"),
+    [("/sigtrace", "/sigtrace"), ("/tools/<name>", "/tools/signals")],
+)
+def test_the_signals_page_colliding_with_an_app_route_is_refused(
+    registry: CollectorRegistry, app_rule: str, ui_path: str
+) -> None:
+    app = app_with(app_rule)
+    app.config.update(SIGTRACE_UI=True, SIGTRACE_UI_PATH=ui_path)
+    with pytest.raises(ConfigError) as raised:
+        SigTrace(app, registry=registry)
+    assert f"SIGTRACE_UI_PATH={ui_path!r}" in str(raised.value)
+    assert f"route {app_rule!r} (endpoint 'orders')" in str(raised.value)
+    assert not dispatch.is_instrumented()
+    assert app.test_client().get(ui_path).text == "the app's page"
+
+
+def test_an_app_route_added_later_under_the_signals_page_is_refused(
+    registry: CollectorRegistry, closing: list[SigTrace]
+) -> None:
+    app = Flask("routes-ui-later")
+    app.config["SIGTRACE_UI"] = True
+    closing.append(SigTrace(app, registry=registry))
+    with pytest.raises(ConfigError, match=r"collides with sigtrace's SIGTRACE_UI_PATH"):
+        app.add_url_rule("/sigtrace", "mine", lambda: "mine")
+    assert app.test_client().get("/sigtrace").status_code == 200
