@@ -110,6 +110,14 @@ def _wait_loaded(driver: t.Any, times: int = 1) -> None:
     )
 
 
+def _live(driver: t.Any, on: bool) -> None:
+    """Turn the page's refresh on or off: while off, nothing is redrawn under the
+    test's feet (a redraw replaces the elements it holds)."""
+    box = driver.find_element(By.ID, "live")
+    if box.is_selected() != on:
+        box.click()
+
+
 def _table(driver: t.Any) -> list[dict[str, t.Any]]:
     rows = []
     for tr in driver.find_elements(By.CSS_SELECTOR, "#receivers tbody tr"):
@@ -152,6 +160,7 @@ def test_the_page_in_chromium(chrome: t.Any, tmp_path: Path) -> None:
         )
         chrome.get(page)
         _wait_loaded(chrome)
+        _live(chrome, False)  # the next refresh is due in seconds: none is in flight
 
         # The map: every receiver with the count /metrics reports.
         drawn = {
@@ -245,6 +254,7 @@ def test_the_page_in_chromium(chrome: t.Any, tmp_path: Path) -> None:
         try:
             header("calls").click()  # busiest first
             loaded = int(chrome.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+            _live(chrome, True)  # loads at once, then every refresh interval
             _wait_loaded(chrome, loaded + 2)
             target = Path(os.environ.get("UI_SCREENSHOT") or tmp_path / "ui.png")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +300,7 @@ def test_the_page_stays_usable_with_500_signals_and_5000_receivers(
     try:
         chrome.get(f"http://127.0.0.1:{server.server_port}/sigtrace")
         _wait_loaded(chrome)
+        _live(chrome, False)
         # (Other live signals of the test process are listed too: the filter keeps ours.)
         search = chrome.find_element(By.ID, "filter")
         search.send_keys("scale-signal-")
