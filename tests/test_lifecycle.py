@@ -17,6 +17,8 @@ import textwrap
 import typing as t
 from pathlib import Path
 
+import pytest
+
 from tests.otlp_receiver import ReceivedPoint, running_receiver
 from tests.servers import BOOT_SIGNAL, SIGNAL, Server, start_uwsgi
 
@@ -162,8 +164,19 @@ def _sends_by_instance(points: list[ReceivedPoint], signal: str) -> dict[str, fl
     return out
 
 
-def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
-    """Parent: 3 sends, fork, 1 more; child: 2. Each pushes its own total at exit."""
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiproc-dir"])
+def test_a_forked_child_pushes_only_its_own_sends_over_otlp(
+    multiprocess: bool, tmp_path: Path
+) -> None:
+    """Parent: 3 sends, fork, 1 more; child: 2. Each pushes its own total at exit.
+
+    With PROMETHEUS_MULTIPROC_DIR set too: the instrumentor has no publisher,
+    so the child's copied values are zeroed all the same."""
+    env = {}
+    if multiprocess:
+        directory = tmp_path / "multiproc"
+        directory.mkdir(mode=0o700)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     with running_receiver("http/protobuf") as receiver:
         report = run_script(
             """
@@ -191,6 +204,7 @@ def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
             OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
             OTEL_METRIC_EXPORT_INTERVAL="600000",  # only the exit pushes
+            **env,
         )
         assert not report.get("hung")
         pushed = _sends_by_instance(receiver.points, "pushed-work")
