@@ -255,7 +255,7 @@ def _owner_of(path: str) -> tuple[int, int] | None:
     return info.st_uid, info.st_gid
 
 
-# Publishers live as long as the process (their thread does anyway); keyed by
+# Publishers live as long as the process (a later init_app restarts them); keyed by
 # the id of their MetricSet, which they keep alive.
 _publishers: dict[int, Publisher] = {}
 _publishers_lock = lifecycle.ForkSafeLock()  # renewed in a forked child by lifecycle
