@@ -448,6 +448,8 @@ class SigTrace:
         settings, metrics = state.settings, state.metrics
         if metrics is not None:
             state.publisher = multiprocess_publisher.attach(metrics, settings.publish_interval)
+            if state.publisher is not None:
+                state.stops.append(multiprocess_publisher.detach)
             from . import otlp_metrics
 
             pusher = otlp_metrics.start(metrics, app.name)  # with OTEL_METRICS_EXPORTER=otlp

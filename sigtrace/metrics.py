@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 import typing as t
@@ -53,7 +52,6 @@ __all__ = [
     "MetricSet",
     "cumulative_buckets",
     "metric_set",
-    "multiprocess_mode",
 ]
 
 log = logging.getLogger("sigtrace")
@@ -79,11 +77,6 @@ TALLY_INTERVAL = 1.0
 """Seconds at most between two tallies of recorded histogram values."""
 
 INF = float("inf")
-
-
-def multiprocess_mode() -> bool:
-    """True when ``PROMETHEUS_MULTIPROC_DIR`` is set: values are published for merging."""
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class CounterChild:
@@ -361,6 +354,9 @@ class MetricSet:
             self.signal_sends, self.signal_duration, self.receiver_duration,
             self.receiver_errors, self.http_duration, self.http_exceptions,
         )  # fmt: skip
+        self.kept_by_publisher = False
+        """Set while a multiprocess publisher keeps these values: in a forked child
+        it zeroes them (after writing what a never-published parent recorded)."""
         registry.register(_FamiliesCollector(self.families))
         _tallier.watch(self)
 
@@ -404,10 +400,12 @@ class _Tallier:
     sigtrace is instrumented. In a forked child it also gives every set new
     locks, whatever the mode: a parent's thread (this one, a scrape, the
     OTLP pusher) may have held one at the fork, and the child would wait for
-    it forever. Outside multiprocess mode it also zeroes the values the child
-    copied, so that the child counts (and pushes over OTLP) only its own sends;
-    in multiprocess mode the publisher does that, after publishing what a
-    parent that never published recorded.
+    it forever. It also zeroes the values the child copied, so that the child
+    counts (and scrapes, publishes and pushes over OTLP) only its own sends, in
+    every mode; only a set a multiprocess publisher keeps
+    (``MetricSet.kept_by_publisher``) is left to the publisher, which runs next
+    and first writes what a parent that never published (a uWSGI master, which
+    forks from C) recorded, under the parent's name.
     """
 
     def __init__(self) -> None:
@@ -431,8 +429,7 @@ class _Tallier:
         sets = list(self._sets)
         for metric_set in sets:
             metric_set.new_locks()
-        if not multiprocess_mode():
-            for metric_set in sets:
+            if not metric_set.kept_by_publisher:
                 metric_set.reset()
         self._thread.start()  # the parent's thread does not run here
 

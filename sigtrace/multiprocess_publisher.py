@@ -11,9 +11,10 @@ files of an earlier server run, unless gunicorn's ``on_starting`` emptied the
 directory), a daemon thread publishes every ``interval`` seconds
 (``SIGTRACE_PUBLISH_INTERVAL``, 0.1 to 60, default 1 s), and only when a value
 changed; a scrape served by a worker publishes that worker's values first; a
-graceful exit publishes the last values (``atexit``, and gunicorn's
-``worker_exit`` hook). A process killed with SIGKILL loses what it recorded
-since its last publish: at most one interval.
+graceful exit publishes the last values (the exit hook of
+:mod:`sigtrace.lifecycle`, and gunicorn's ``worker_exit`` hook). A process
+killed with SIGKILL loses what it recorded since its last publish: at most one
+interval.
 
 The publisher starts at a process's first request (the extension's request
 hook; one attribute check per request afterwards), never at ``init_app``:
@@ -31,27 +32,30 @@ them all, nothing twice. A graceful exit that cannot write logs how many
 values were lost.
 
 **Forks.** A forked child must not publish its parent's values as its own:
-:func:`after_fork_in_child` resets the copied values in the child and gives
+the publisher's fork handling resets the copied values in the child and gives
 it a new file. uWSGI forks its workers from C, where Python's fork hooks do
-not run: there the same reset is chained onto ``uwsgi.post_fork_hook``, and
-the publisher also compares the pid it belongs to with ``os.getpid()`` when it
-starts. As a uWSGI master never published, each child first writes the values
-it copied to the master's file, under the master's name.
+not run: :mod:`sigtrace.lifecycle` chains the same child hook onto
+``uwsgi.post_fork_hook``, and the publisher also compares the pid it belongs
+to with ``os.getpid()`` when it starts. As a uWSGI master never published,
+each child first writes the values it copied to the master's file, under the
+master's name. (This is why :data:`sigtrace.metrics.TALLIER`, which runs
+first in a child, leaves the values of a published set to the publisher.)
 
 **Threads.** uWSGI runs no Python thread unless started with
 ``--enable-threads`` (or ``--threads``): without them, values are published at
 the end of a request at most once per interval, and at exit.
 
-**Process life.** The thread, fork and exit handling is gathered in
-:meth:`Publisher.ensure_started` (start, at a request), :func:`stop_all`,
-:func:`before_fork`, :func:`after_fork_in_child` and :func:`at_exit`;
-:func:`register_process_hooks` registers the last three with Python (and
-uWSGI) once.
+**Process life.** :data:`PUBLISHING` is the publishers'
+:class:`sigtrace.lifecycle.Component`: :func:`attach` acquires it (one user
+per app's ``init_app``), :func:`detach` releases it (``SigTrace.close()``),
+and the last release stops every publisher of the process after publishing
+its last values; a later request of a new ``init_app`` starts them again.
+Its thread (``sigtrace-publisher``) is a :class:`sigtrace.lifecycle.Periodic`
+started by :meth:`Publisher.ensure_started` (at a request).
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
 import logging
 import os
@@ -62,6 +66,7 @@ import time
 import typing as t
 from collections.abc import Iterator
 
+from . import lifecycle
 from . import multiprocess_directory as mpdir
 from . import multiprocess_format as fmt
 
@@ -72,16 +77,14 @@ __all__ = [
     "DEFAULT_INTERVAL",
     "MAX_INTERVAL",
     "MIN_INTERVAL",
+    "PUBLISHING",
     "Publisher",
-    "after_fork_in_child",
-    "at_exit",
     "attach",
-    "before_fork",
     "check_at_init",
+    "detach",
     "local_documents",
     "mark_checked",
     "publish_all",
-    "register_process_hooks",
     "stop_all",
 ]
 
@@ -91,6 +94,7 @@ DEFAULT_INTERVAL = 1.0
 """Seconds between two publishes of one process (``SIGTRACE_PUBLISH_INTERVAL``)."""
 MIN_INTERVAL = 0.1
 MAX_INTERVAL = 60.0
+_STOP_TIMEOUT = 5.0  # seconds to wait for the thread's publish in progress at a stop
 
 _REASONS = {
     errno.ENOENT: "directory_missing",
@@ -129,8 +133,7 @@ class Publisher:
         self._last = fmt.document("process", self._pid, [])
         self._lock = threading.Lock()
         self._started = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: lifecycle.Periodic | None = None  # None where no thread runs
         self._due = 0.0  # threadless mode: next publish at a request's end
         self._loss_logged = False
 
@@ -161,9 +164,7 @@ class Publisher:
             if self.path not in _checked_paths:
                 _warn_stale(self.path)  # no on_starting hook cleared the directory
             if _threads_run():
-                self._thread = threading.Thread(
-                    target=self._run, name="sigtrace-publisher", daemon=True
-                )
+                self._thread = lifecycle.Periodic("sigtrace-publisher", self.interval, self.publish)
                 self._thread.start()
 
     def _adopt_child(self) -> None:
@@ -186,10 +187,6 @@ class Publisher:
         self._pid = os.getpid()
         self.metrics.reset()  # the child must not count its parent's values again
         self._new_process_state()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.publish()
 
     def publish(self) -> bool:
         """Write this process's file if a value changed since the last write.
@@ -230,11 +227,15 @@ class Publisher:
             mpdir.write_private(self.path, self.name, data)
 
     def publish_and_stop(self) -> None:
-        """Stop the thread and publish the last values (graceful exit).
+        """Stop the thread (waiting for it) and publish the last values (graceful
+        exit, or the last ``SigTrace.close()``); a later request starts it again.
 
         Logs how many values are lost when they cannot be written.
         """
-        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.stop(_STOP_TIMEOUT, final=False)
+        self._started = False
         if not self.publish() and self.unpublished and not self._loss_logged:
             self._loss_logged = True  # worker_exit, then atexit: said once
             log.warning(
@@ -254,10 +255,10 @@ def _owner_of(path: str) -> tuple[int, int] | None:
     return info.st_uid, info.st_gid
 
 
-# Publishers live as long as the process (their thread does anyway); keyed by
+# Publishers live as long as the process (a later init_app restarts them); keyed by
 # the id of their MetricSet, which they keep alive.
 _publishers: dict[int, Publisher] = {}
-_publishers_lock = threading.Lock()
+_publishers_lock = lifecycle.ForkSafeLock()  # renewed in a forked child by lifecycle
 _checked_paths: set[str] = set()  # checked by the server's master at start
 
 
@@ -293,6 +294,8 @@ def attach(metrics: MetricSet, interval: float = DEFAULT_INTERVAL) -> Publisher 
     """The publisher of ``metrics`` in multiprocess mode (one per set), else None.
 
     Writes nothing: publishing starts with :meth:`Publisher.ensure_started`.
+    A publisher returned is one more user of :data:`PUBLISHING`: :func:`detach`
+    undoes it.
     """
     path = mpdir.directory()
     if path is None:
@@ -301,7 +304,14 @@ def attach(metrics: MetricSet, interval: float = DEFAULT_INTERVAL) -> Publisher 
         found = _publishers.get(id(metrics))
         if found is None or found.path != path:
             found = _publishers[id(metrics)] = Publisher(metrics, path, interval)
-        return found
+    lifecycle.acquire(PUBLISHING)
+    metrics.kept_by_publisher = True
+    return found
+
+
+def detach() -> None:
+    """Undo one :func:`attach` that returned a publisher; the last one stops them all."""
+    lifecycle.release(PUBLISHING)
 
 
 def _warn_stale(path: str) -> None:
@@ -333,15 +343,11 @@ def publish_all() -> None:
 
 
 def stop_all() -> None:
-    """Stop every publisher of this process, each publishing its last values."""
+    """Stop every publisher of this process, each publishing its last values
+    (gunicorn's ``worker_exit``, the exit hook and the last :func:`detach`)."""
     for publisher in _own_publishers():
         if publisher._started or publisher.published:
             publisher.publish_and_stop()
-
-
-def at_exit() -> None:
-    """At a graceful exit: :func:`stop_all`."""
-    stop_all()
 
 
 def local_documents(path: str) -> list[tuple[str, fmt.Document]]:
@@ -353,7 +359,7 @@ def local_documents(path: str) -> list[tuple[str, fmt.Document]]:
     ]
 
 
-def before_fork() -> None:
+def _before_fork() -> None:
     """A process about to fork workers (gunicorn --preload) publishes what it
     recorded itself, once; its children start from zero."""
     for publisher in _own_publishers():
@@ -361,46 +367,35 @@ def before_fork() -> None:
             publisher.publish()
 
 
-def after_fork_in_child() -> None:
-    """In a forked child: new locks, the parent's values forgotten, a new file."""
-    global _publishers_lock
+def _after_fork_in_child() -> None:
+    """In a forked child: the parent's values forgotten, a new file, the thread
+    started again where it ran (the locks are new already: lifecycle's)."""
     mpdir.after_fork_in_child()
-    _publishers_lock = threading.Lock()  # another thread may have held it at the fork
     pid = os.getpid()
     for publisher in list(_publishers.values()):
         if publisher._pid == pid:
-            continue  # adopted already (both Python's and uWSGI's hook ran)
+            continue  # adopted already (a request's start after a fork from C)
         was_running = publisher._started
         publisher._adopt_child()
         if was_running:
             publisher._start()
 
 
-def _hook_uwsgi_fork() -> None:
-    """Inside uWSGI: run :func:`after_fork_in_child` in every worker it forks.
-
-    ``uwsgi.post_fork_hook`` is the python plugin's one post-fork callable
-    (what ``uwsgidecorators.postfork`` sets); an existing one is chained.
-    """
-    uwsgi = sys.modules.get("uwsgi")
-    if uwsgi is None:
-        return
-    previous = getattr(uwsgi, "post_fork_hook", None)
-
-    def post_fork_hook() -> None:
-        after_fork_in_child()
-        if previous is not None:
-            previous()
-
-    setattr(uwsgi, "post_fork_hook", post_fork_hook)  # noqa: B010 (a C module)
+def _stop() -> None:
+    """The last :func:`detach`: :func:`stop_all`; the values are the tally's again
+    (zeroed by it in a forked child)."""
+    stop_all()
+    for publisher in _own_publishers():
+        publisher.metrics.kept_by_publisher = False
 
 
-def register_process_hooks() -> None:
-    """Register :func:`before_fork`, :func:`after_fork_in_child` (Python's fork
-    hook and uWSGI's) and :func:`at_exit`: at import, once."""
-    os.register_at_fork(before=before_fork, after_in_child=after_fork_in_child)
-    atexit.register(at_exit)
-    _hook_uwsgi_fork()
-
-
-register_process_hooks()
+PUBLISHING = lifecycle.Component(
+    "sigtrace-publisher",
+    lifecycle.Order.PUBLISHER,
+    stop=_stop,
+    before_fork=_before_fork,
+    after_fork_in_child=_after_fork_in_child,
+    at_exit=stop_all,
+)
+"""The publishers of this process: running from the first :func:`attach` to the
+last :func:`detach` (threads start at a request, not here)."""

@@ -17,6 +17,8 @@ import textwrap
 import typing as t
 from pathlib import Path
 
+import pytest
+
 from tests.otlp_receiver import ReceivedPoint, running_receiver
 from tests.servers import BOOT_SIGNAL, SIGNAL, Server, start_uwsgi
 
@@ -162,8 +164,19 @@ def _sends_by_instance(points: list[ReceivedPoint], signal: str) -> dict[str, fl
     return out
 
 
-def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
-    """Parent: 3 sends, fork, 1 more; child: 2. Each pushes its own total at exit."""
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["one-process", "multiproc-dir"])
+def test_a_forked_child_pushes_only_its_own_sends_over_otlp(
+    multiprocess: bool, tmp_path: Path
+) -> None:
+    """Parent: 3 sends, fork, 1 more; child: 2. Each pushes its own total at exit.
+
+    With PROMETHEUS_MULTIPROC_DIR set too: the instrumentor has no publisher,
+    so the child's copied values are zeroed all the same."""
+    env = {}
+    if multiprocess:
+        directory = tmp_path / "multiproc"
+        directory.mkdir(mode=0o700)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     with running_receiver("http/protobuf") as receiver:
         report = run_script(
             """
@@ -191,6 +204,7 @@ def test_a_forked_child_pushes_only_its_own_sends_over_otlp() -> None:
             OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
             OTEL_METRIC_EXPORT_INTERVAL="600000",  # only the exit pushes
+            **env,
         )
         assert not report.get("hung")
         pushed = _sends_by_instance(receiver.points, "pushed-work")
@@ -325,3 +339,76 @@ def test_the_last_uninstrument_of_the_instrumentor_stops_its_threads() -> None:
     assert report["after"] == []
     assert report["blinker_send"] is True
     assert exports == 1  # the last export, at uninstrument; none at exit
+
+
+def test_close_in_multiprocess_mode_publishes_the_last_values_and_stops_publishing(
+    tmp_path: Path,
+) -> None:
+    """The publisher is one of the things init_app starts: the last close publishes
+    its last values and stops its thread; a child forked after close starts none;
+    a later init_app publishes again from its first request."""
+    directory = tmp_path / "multiproc"
+    directory.mkdir(mode=0o700)
+    report = run_script(
+        """
+        import glob, json, os
+        from blinker import NamedSignal
+        from flask import Flask
+        from sigtrace import SigTrace
+        """,
+        IN_CHILD,
+        SIGTRACE_THREADS,
+        """
+        work = NamedSignal("closing-work")
+
+        def make_app(name):
+            app = Flask(name)
+            app.route("/")(lambda: work.send() and "ok" or "ok")
+            return app
+
+        def published_sends():
+            total = 0.0
+            for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.json")):
+                with open(path) as file:
+                    document = json.load(file)
+                for family in document["families"]:
+                    if family["name"] == "sigtrace_signal_sends_total":
+                        total += sum(
+                            s["value"] for s in family["series"] if s["labels"] == ["closing-work"]
+                        )
+            return total
+
+        first, second = make_app("first"), make_app("second")
+        first_ext, second_ext = SigTrace(first), SigTrace(second)
+        for _ in range(3):
+            assert first.test_client().get("/").status_code == 200
+        report = {"running": sigtrace_threads(), "published_before_close": published_sends()}
+        first_ext.close()
+        report["after_first_close"] = sigtrace_threads()
+        second_ext.close()
+        report["after_close"] = sigtrace_threads()
+        report["published_at_close"] = published_sends()
+        report["in_forked_child"] = in_child(sigtrace_threads)
+        third = make_app("third")
+        third_ext = SigTrace(third)
+        report["before_a_request"] = sigtrace_threads()
+        assert third.test_client().get("/").status_code == 200
+        report["after_a_request"] = sigtrace_threads()
+        third_ext.close()
+        report["after_last_close"] = sigtrace_threads()
+        report["published_at_last_close"] = published_sends()
+        print(json.dumps(report))
+        """,
+        PROMETHEUS_MULTIPROC_DIR=str(directory),
+        SIGTRACE_PUBLISH_INTERVAL="60",  # only the closes publish
+    )
+    assert report["running"] == ["sigtrace-publisher", "sigtrace-tally"]
+    assert report["published_before_close"] == 0.0
+    assert report["after_first_close"] == report["running"]  # the second app's
+    assert report["after_close"] == []
+    assert report["published_at_close"] == 3.0
+    assert report["in_forked_child"] == []
+    assert report["before_a_request"] == ["sigtrace-tally"]  # publishing starts at a request
+    assert report["after_a_request"] == ["sigtrace-publisher", "sigtrace-tally"]
+    assert report["after_last_close"] == []
+    assert report["published_at_last_close"] == 4.0
