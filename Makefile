@@ -7,7 +7,7 @@ PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench bench-quick dashboards clean
+.PHONY: demo test lint typecheck unit docs bench bench-quick dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+## The documentation (docs/, Sphinx): warnings are errors, every reference must resolve.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+
 ## Benchmarks: per-send and per-request, side by side with the peers.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
@@ -47,4 +51,4 @@ dashboards: $(STAMP)
 	$(BIN)/python -m grafana.generate
 
 clean:
-	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache docs/_build
