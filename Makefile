@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check sigtrace tests benchmarks examples grafana deploy
+	$(BIN)/ruff check sigtrace tests benchmarks examples grafana deploy docs
 	$(BIN)/ruff format --check sigtrace
 
 typecheck: $(STAMP)

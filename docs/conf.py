@@ -12,7 +12,7 @@ from sigtrace.version import __version__  # noqa: E402
 
 project = "sigtrace"
 author = "sigtrace contributors"
-copyright = "sigtrace contributors"  # noqa: A001 -- Sphinx's own setting name
+copyright = "sigtrace contributors"
 release = version = __version__
 
 extensions = [
@@ -58,3 +58,4 @@ nitpick_ignore_regex = [
     (r"py:class", r"TypeAliasForwardRef"),
     (r"py:.*", r"(collections|typing|types|contextvars|threading|logging|pathlib|os)\..*"),
 ]
+smartquotes = False  # "" and '' in the tables mean what they say

@@ -4,8 +4,8 @@ In ``gunicorn.conf.py``::
 
     from sigtrace.gunicorn import child_exit, when_ready, worker_exit  # noqa: F401
 
-with ``PROMETHEUS_MULTIPROC_DIR`` set to an existing, empty directory. The
-README's "Multiple processes" section explains the set-up;
+with ``PROMETHEUS_MULTIPROC_DIR`` set to an existing, empty directory. The docs
+page "Multiple processes" (docs/multiprocess.md) explains the set-up;
 :mod:`sigtrace.multiprocess` how the workers' values are merged.
 
 * :func:`worker_exit` (in a worker, as it exits) publishes its last values.

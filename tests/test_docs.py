@@ -99,7 +99,7 @@ def test_the_configuration_reference_lists_every_key_with_what_it_accepts() -> N
         sys.path.remove(str(DOCS / "_ext"))
     rows = {row[0]: row for row in sigtrace_config.rows()}
     assert list(rows) == list(KEYS)
-    for name, default, accepted, meaning in rows.values():
+    for name, _default, accepted, meaning in rows.values():
         assert accepted != "any value" and meaning, name
     table = sigtrace_config.markdown_table()
     assert "| `SIGTRACE_METRICS_TOKEN` | unset | a non-empty token" in table

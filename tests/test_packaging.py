@@ -104,4 +104,3 @@ def test_opentelemetry_instrumentation_flask_is_the_flask_otel_extra_and_in_dev(
     # The dev install has it, so the interoperation tests run (test_instrumentor,
     # test_extension) rather than skip.
     assert importlib.metadata.version("opentelemetry-instrumentation-flask")
-

@@ -34,7 +34,9 @@ def render_default(value: object) -> str:
             return "none"
         if len(value) > 4:
             return f"`{value[0]:g}` … `{value[-1]:g}` ({len(value)} values)"
-        return ", ".join(f"`{item:g}`" if isinstance(item, float) else f"`{item}`" for item in value)
+        return ", ".join(
+            f"`{item:g}`" if isinstance(item, float) else f"`{item}`" for item in value
+        )
     return f"`{value}`"
 
 
@@ -64,7 +66,9 @@ def rows() -> list[tuple[str, str, str, str]]:
 
 def markdown_table() -> str:
     lines = ["| key | default | accepts | meaning |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{name}` | {default} | {accepted} | {doc} |" for name, default, accepted, doc in rows()]
+    lines += [
+        f"| `{name}` | {default} | {accepted} | {doc} |" for name, default, accepted, doc in rows()
+    ]
     return "\n".join(lines)
 
 
