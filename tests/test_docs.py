@@ -106,3 +106,31 @@ def test_the_configuration_reference_lists_every_key_with_what_it_accepts() -> N
     assert "| `SIGTRACE_SPANS` | `all` | one of 'all'" in table
     page = (DOCS / "configuration.md").read_text(encoding="utf-8")
     assert "```{sigtrace-config-keys}" in page
+
+
+def test_the_metrics_page_documents_every_metric_with_its_type_and_labels() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sigtrace import tracing
+    from sigtrace.metrics import MetricSet
+
+    page = (DOCS / "metrics.md").read_text(encoding="utf-8")
+    rows = {
+        cells[0].strip("` "): cells[1:3]
+        for cells in (line.strip("|").split("|") for line in page.splitlines())
+        if cells[0].strip().startswith("`sigtrace_")
+    }
+    families = MetricSet(CollectorRegistry()).families
+    assert set(rows) == {family.name for family in families}
+    for family in families:
+        kind, labels = (cell.strip() for cell in rows[family.name])
+        assert kind == family.kind, family.name
+        assert labels == ", ".join(f"`{label}`" for label in family.labelnames), family.name
+    attributes = [
+        value
+        for name, value in vars(tracing).items()
+        if name.startswith("ATTR_") and isinstance(value, str)
+    ]
+    assert attributes
+    for attribute in attributes:
+        assert f"`{attribute}" in page, f"span attribute {attribute} is not in docs/metrics.md"
