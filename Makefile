@@ -35,9 +35,10 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-## The documentation (docs/, Sphinx): warnings are errors, every reference must resolve.
+## The documentation (docs/, Sphinx): warnings are errors, every reference must resolve;
+## -E reads every page each time, so a warning is never hidden by an earlier build.
 docs: $(STAMP)
-	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 
 ## Benchmarks: per-send and per-request, side by side with the peers.
 bench: $(STAMP)
