@@ -104,3 +104,14 @@ def test_opentelemetry_instrumentation_flask_is_the_flask_otel_extra_and_in_dev(
     # The dev install has it, so the interoperation tests run (test_instrumentor,
     # test_extension) rather than skip.
     assert importlib.metadata.version("opentelemetry-instrumentation-flask")
+
+
+def test_ci_checks_installs_with_old_and_new_pips_and_builds_the_docs() -> None:
+    """The issue's matrix, so that trimming it to save time shows in review."""
+    run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "\n.ci/install-check\n" in run and "\nmake docs\n" in run
+    check = (ROOT / ".ci" / "install-check").read_text(encoding="utf-8")
+    assert "\nPIPS=(23.2.1 24.0 25.0 latest uv)\n" in check
+    for needed in ('twine" check --strict', "pip check", "opentelemetry-distro", "[flask-otel]"):
+        assert needed in check, needed
+    assert "for what in tree wheel sdist; do" in check
