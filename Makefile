@@ -7,7 +7,7 @@ PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench bench-quick dashboards screenshot clean
+.PHONY: demo test lint typecheck unit docs bench bench-quick dashboards screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check sigtrace tests benchmarks examples grafana deploy
+	$(BIN)/ruff check sigtrace tests benchmarks examples grafana deploy docs
 	$(BIN)/ruff format --check sigtrace
 
 typecheck: $(STAMP)
@@ -40,6 +40,11 @@ unit: $(STAMP)
 screenshot: $(STAMP)
 	UI_SCREENSHOT=docs/images/ui.png $(BIN)/pytest tests/test_ui_browser.py -q -p no:cacheprovider
 
+## The documentation (docs/, Sphinx): warnings are errors, every reference must resolve;
+## -E reads every page each time, so a warning is never hidden by an earlier build.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
+
 ## Benchmarks: per-send and per-request, side by side with the peers.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
@@ -52,4 +57,4 @@ dashboards: $(STAMP)
 	$(BIN)/python -m grafana.generate
 
 clean:
-	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-* .pytest_cache .mypy_cache .ruff_cache docs/_build

@@ -1,1 +1,1 @@
-"""Benchmarks: sigtrace against bare Flask/blinker and its peers (the README's "Benchmarks")."""
+"""Benchmarks: sigtrace against bare Flask/blinker and its peers (docs/benchmarks.md)."""

@@ -73,7 +73,7 @@ def tracer_provider() -> tuple[TracerProvider, NullSpanExporter]:
 
 def timed(setup: Callable[..., Callable[[int], None]], *args: t.Any) -> t.Any:
     """A pyperf time function: ``setup(*args)`` runs once in the worker, untimed, and returns
-    ``run(loops)``, timed in CPU time of all the worker's threads (see the README)."""
+    ``run(loops)``, timed in CPU time of all the worker's threads (see docs/benchmarks.md)."""
     ready: list[Callable[[int], None]] = []
 
     def time_func(loops: int) -> float:

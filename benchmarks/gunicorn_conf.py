@@ -4,7 +4,7 @@ import os
 import typing as t
 
 if os.environ["BENCH_MODE"].startswith("sigtrace"):
-    from sigtrace.gunicorn import *  # noqa: F403 (every hook it has, as the README lists)
+    from sigtrace.gunicorn import *  # noqa: F403 (every hook it has, as docs/multiprocess.md lists)
 elif os.environ["BENCH_MODE"].startswith("pfe"):  # as prometheus-flask-exporter's docs say
     from prometheus_flask_exporter.multiprocess import (  # type: ignore[import-untyped]
         GunicornInternalPrometheusMetrics,

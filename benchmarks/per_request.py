@@ -1,5 +1,5 @@
 """Per request: the signup app in every mode, called as a WSGI app, no server (a pyperf
-script: ``python -m benchmarks.per_request -o out.json``; see the README's "Benchmarks")."""
+script: ``python -m benchmarks.per_request -o out.json``; see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

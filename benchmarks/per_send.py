@@ -1,5 +1,5 @@
 """Per send: ``Signal.send`` with 0, 1, 3 or 10 receivers that do nothing (a pyperf
-script: ``python -m benchmarks.per_send -o out.json``; see the README's "Benchmarks")."""
+script: ``python -m benchmarks.per_send -o out.json``; see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

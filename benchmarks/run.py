@@ -1,5 +1,5 @@
 """``python -m benchmarks.run [--quick | --smoke] [--only ...]``: the pyperf scripts and
-the real-server run, as markdown tables and ``summary.md`` (see the README's "Benchmarks")."""
+the real-server run, as markdown tables and ``summary.md`` (see docs/benchmarks.md)."""
 
 from __future__ import annotations
 

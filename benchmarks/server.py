@@ -1,4 +1,4 @@
-"""Real server, small and hand-made: gunicorn serving the signup app as the README tells
+"""Real server, small and hand-made: gunicorn serving the signup app as docs/multiprocess.md tells
 users to run it (``gunicorn_conf.py``), under load from ``wrk`` or else urllib threads."""
 
 from __future__ import annotations

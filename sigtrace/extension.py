@@ -356,8 +356,8 @@ class SigTrace:
     """Observe a Flask app's signals, requests and exceptions.
 
     ``SigTrace(app)``, or ``SigTrace()`` then :meth:`init_app` in an app
-    factory. Settings come from ``app.config`` / the environment (see the
-    README); the state is ``app.extensions["sigtrace"]``.
+    factory. Settings come from ``app.config`` / the environment (see
+    docs/configuration.md); the state is ``app.extensions["sigtrace"]``.
 
     :param registry: Prometheus registry for all metrics (default: the global one).
     :param tracer_provider: OpenTelemetry provider (default: the global one; when

@@ -7,9 +7,9 @@ In ``gunicorn.conf.py``::
     )
 
 with ``PROMETHEUS_MULTIPROC_DIR`` set to a directory owned by the workers'
-user, mode 0700. The README's "Multiple processes" section explains the
-set-up; :mod:`sigtrace.multiprocess_directory` how the workers' values are
-merged.
+user, mode 0700. The docs page "Multiple processes" (docs/multiprocess.md)
+explains the set-up; :mod:`sigtrace.multiprocess_directory` how the workers'
+values are merged.
 
 * :func:`on_starting` (in the master, once) checks the directory, refusing to
   start with the reason when the workers could not use it, and removes

@@ -5,7 +5,7 @@ so ``opentelemetry-instrument flask run`` or ``opentelemetry-instrument gunicorn
 app:app`` (with opentelemetry-distro installed) traces and measures every
 blinker signal of the process; ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=blinker``
 turns it off. The settings come from the environment (the ``SIGTRACE_*`` keys
-of the README; there is no ``app.config`` at that point).
+of docs/configuration.md; there is no ``app.config`` at that point).
 
 What it records: signal and receiver spans (under the current span, e.g.
 opentelemetry-instrumentation-flask's server span) and the signal and receiver

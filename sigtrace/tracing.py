@@ -1,6 +1,6 @@
 """Tracer lookup, span helpers and, when asked, SDK + OTLP set-up.
 
-Span and attribute names used by sigtrace live here, so the README, the
+Span and attribute names used by sigtrace live here, so the docs, the
 exporters and the tests agree on one spelling.
 """
 

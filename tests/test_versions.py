@@ -87,7 +87,7 @@ def test_opentelemetry_floors_are_one_release() -> None:
     }
     beta = {
         bounds[name]
-        for name in ("opentelemetry-semantic-conventions", "opentelemetry-instrumentation-flask")
+        for name in ("opentelemetry-semantic-conventions", "opentelemetry-instrumentation")
     }
     assert len(stable) == 1 and len(beta) == 1, (stable, beta)
     (release,), (contrib,) = stable, beta
