@@ -5,7 +5,7 @@ Never another exception.
 
 The walk covers every key of :data:`sigtrace.config.KEYS` and
 :data:`sigtrace.config.OTEL_KEYS`, and every ``SIGTRACE_*`` / ``OTEL_*`` name
-the README's configuration sections document.
+the configuration pages of ``docs/`` document.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import sigtrace
 from sigtrace import ConfigError, SigTrace, dispatch, exposition, tracing
 from sigtrace.config import KEYS, OTEL_KEYS, check_environment
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 ORIGINAL_SEND = blinker.Signal.send
 
 MISSING_PEM = "/nonexistent/sigtrace-test/ca.pem"
@@ -114,12 +114,14 @@ def needs_otlp_metrics(name: str) -> bool:
 
 
 def documented_names() -> set[str]:
-    """``SIGTRACE_*`` and ``OTEL_*`` names of the README's configuration sections."""
-    text = README.read_text(encoding="utf-8")
-    sections = re.findall(r"^## Configuration\n.*?(?=^## )|^### Metrics over OTLP\n.*?(?=^## )",
-                          text, re.MULTILINE | re.DOTALL)  # fmt: skip
-    assert len(sections) == 2
-    names = set(re.findall(r"(?<![.\w])(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", "".join(sections)))
+    """``SIGTRACE_*`` and ``OTEL_*`` names the configuration pages document: all of
+    ``docs/configuration.md`` and ``docs/ui.md``, and ``docs/tracing.md`` from its
+    OpenTelemetry variables on (their bad values, metrics over OTLP)."""
+    pages = [(DOCS / name).read_text(encoding="utf-8") for name in ("configuration.md", "ui.md")]
+    tracing_page = (DOCS / "tracing.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## OpenTelemetry variables\n.*", tracing_page, re.MULTILINE | re.DOTALL)
+    assert len(sections) == 1 and "\n## Metrics over OTLP\n" in sections[0]
+    names = set(re.findall(r"(?<![.\w])(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", "".join(pages + sections)))
     return names
 
 
