@@ -119,9 +119,10 @@ def documented_names() -> set[str]:
     OpenTelemetry variables on (their bad values, metrics over OTLP)."""
     pages = [(DOCS / name).read_text(encoding="utf-8") for name in ("configuration.md", "ui.md")]
     tracing_page = (DOCS / "tracing.md").read_text(encoding="utf-8")
-    sections = re.findall(r"^## OpenTelemetry variables\n.*", tracing_page, re.MULTILINE | re.DOTALL)
-    assert len(sections) == 1 and "\n## Metrics over OTLP\n" in sections[0]
-    names = set(re.findall(r"(?<![.\w])(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", "".join(pages + sections)))
+    _, found, otel_section = tracing_page.partition("\n## OpenTelemetry variables\n")
+    assert found and "\n## Metrics over OTLP\n" in otel_section
+    text = "".join([*pages, otel_section])
+    names = set(re.findall(r"(?<![.\w])(?:SIGTRACE|OTEL)_[A-Z_]*[A-Z]\b", text))
     return names
 
 
