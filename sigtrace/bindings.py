@@ -120,19 +120,9 @@ class ReceiverBinding:
             tracing.CODE_FUNCTION_NAME: name,
         }
 
-    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
-        """Observe one call that returned (under a span: with its exemplar)."""
+    def count_error(self, exc: BaseException) -> None:
+        """Count one call that raised ``exc`` (its duration is recorded as any other's)."""
         try:
-            if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
-        except Exception:
-            internal_error("receiver metrics")
-
-    def failed(self, elapsed: float, exc: BaseException, exemplar: dict[str, str] | None) -> None:
-        """Observe one call that raised ``exc`` and count the exception; never raises."""
-        try:
-            if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
             if self._errors_family is not None:
                 child = self._errors.get(type(exc))
                 if child is None:
@@ -140,6 +130,14 @@ class ReceiverBinding:
                     child = self._errors_family.child(*self._labels, exception)
                     self._errors[type(exc)] = child
                 child.inc()
+        except Exception:
+            internal_error("receiver metrics")
+
+    def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
+        """Link the call's recorded duration to a span; never raises."""
+        try:
+            if self.duration is not None:
+                self.duration.exemplify(elapsed, exemplar)
         except Exception:
             internal_error("receiver metrics")
 
@@ -232,11 +230,11 @@ class SignalBinding:
             self.receivers.put(key, bound)
         return bound
 
-    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
-        """Observe the send's duration (under a span: with its exemplar); never raises."""
+    def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
+        """Link the send's recorded duration to a span; never raises."""
         try:
             if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
+                self.duration.exemplify(elapsed, exemplar)
         except Exception:
             internal_error("signal metrics")
 

@@ -29,7 +29,7 @@ from time import perf_counter
 
 from blinker import ANY, Signal
 from blinker.base import ANY_ID
-from opentelemetry.trace import Span
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from . import naming, tracing
 from .bindings import RequestHooks, SignalBinding, records_signal, run_hook, unrecorded
@@ -84,7 +84,7 @@ class Active:
                 options.root_spans,
                 options.record_kwargs,
             )
-        self.root_spans = self.spans is not None and options.root_spans
+        self.root_spans = options.root_spans
         self.signals: IdentityCache[SignalBinding] = IdentityCache()
         self.binding_of = self.signals.get  # the send's lookup: binding_of(id(signal))
         # Signals that can't be weakly referenced: bound again by name at each send.
@@ -141,36 +141,41 @@ def send(
                     call = _async_wrapper(receiver)
                 else:
                     call = receiver
-                if not started:  # the first receiver: a send worth tracing
-                    if active.spans is not None and (
-                        active.root_spans  # tracing.recording_parent(), inlined:
-                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
-                    ):
-                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
+                if not started:  # the first receiver: the one check for a recording parent
+                    if active.spans is not None:
+                        parent = _current_context().get(_SPAN_KEY)
+                        if parent is not None and parent.is_recording():
+                            spans = SendSpans.open(active.spans, binding, parent, sender, kwargs)
+                        elif active.root_spans and (parent is None or parent is INVALID_SPAN):
+                            spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
                     started = perf_counter()
-                if spans is None:
-                    call_started = perf_counter()
-                    try:
-                        result = call(sender, **kwargs)
-                    except BaseException as exc:
-                        receiver_binding.failed(perf_counter() - call_started, exc, None)
-                        raise
-                    ended = perf_counter()
-                    record(ended - call_started)
-                else:
-                    result = spans.call(receiver_binding, call, sender, kwargs)
-                    ended = perf_counter()
+                entered = spans.enter(receiver_binding) if spans is not None else None
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
+                    if spans is not None:
+                        spans.leave(receiver_binding, entered, elapsed, exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+                if spans is not None:
+                    spans.leave(receiver_binding, entered, ended - call_started, None)
                 results.append((receiver, result))
         except BaseException as exc:
-            if spans is not None:
-                spans.finish(binding, perf_counter() - started, exc)
-            elif started:
-                binding.record(perf_counter() - started)
+            if started:
+                elapsed = perf_counter() - started
+                binding.record(elapsed)
+                if spans is not None:
+                    spans.finish(binding, elapsed, exc)
             raise
-        if spans is not None:
-            spans.finish(binding, ended - started, None)
-        elif started:  # the signal's time: first receiver's start to last one's end
+        if started:  # the signal's time: first receiver's start to last one's end
             binding.record(ended - started)
+            if spans is not None:
+                spans.finish(binding, ended - started, None)
         return results
     finally:
         if hooks is not None:
@@ -218,35 +223,40 @@ async def send_async(
                 else:
                     call = receiver
                 if not started:
-                    if active.spans is not None and (
-                        active.root_spans
-                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
-                    ):
-                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
+                    if active.spans is not None:
+                        parent = _current_context().get(_SPAN_KEY)
+                        if parent is not None and parent.is_recording():
+                            spans = SendSpans.open(active.spans, binding, parent, sender, kwargs)
+                        elif active.root_spans and (parent is None or parent is INVALID_SPAN):
+                            spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
                     started = perf_counter()
-                if spans is None:
-                    call_started = perf_counter()
-                    try:
-                        result = await call(sender, **kwargs)
-                    except BaseException as exc:
-                        receiver_binding.failed(perf_counter() - call_started, exc, None)
-                        raise
-                    ended = perf_counter()
-                    record(ended - call_started)
-                else:
-                    result = await spans.await_call(receiver_binding, call, sender, kwargs)
-                    ended = perf_counter()
+                entered = spans.enter(receiver_binding) if spans is not None else None
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
+                    if spans is not None:
+                        spans.leave(receiver_binding, entered, elapsed, exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+                if spans is not None:
+                    spans.leave(receiver_binding, entered, ended - call_started, None)
                 results.append((receiver, result))
         except BaseException as exc:
-            if spans is not None:
-                spans.finish(binding, perf_counter() - started, exc)
-            elif started:
-                binding.record(perf_counter() - started)
+            if started:
+                elapsed = perf_counter() - started
+                binding.record(elapsed)
+                if spans is not None:
+                    spans.finish(binding, elapsed, exc)
             raise
-        if spans is not None:
-            spans.finish(binding, ended - started, None)
-        elif started:
+        if started:
             binding.record(ended - started)
+            if spans is not None:
+                spans.finish(binding, ended - started, None)
         return results
     finally:
         if hooks is not None:

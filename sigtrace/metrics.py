@@ -127,8 +127,12 @@ class HistogramChild:
         """Record ``amount``; keep ``exemplar`` as its bucket's latest."""
         self.record(amount)
         if exemplar is not None:
-            index = bisect_left(self.bounds, amount)
-            self._exemplars[index] = Exemplar(exemplar, amount, time.time())
+            self.exemplify(amount, exemplar)
+
+    def exemplify(self, amount: float, exemplar: dict[str, str]) -> None:
+        """Keep ``exemplar`` as the latest of the bucket ``amount`` (recorded apart) falls in."""
+        index = bisect_left(self.bounds, amount)
+        self._exemplars[index] = Exemplar(exemplar, amount, time.time())
 
     def fold(self) -> None:
         """Move recorded values into the bucket counts and the sum."""

@@ -1,22 +1,22 @@
-"""The spans of one send made under a recording parent (or as a root, if asked).
+"""The spans of one traced send: under the recording parent the send found, or a root.
 
-A :class:`SendSpans` exists only for such a send: the signal span (started at
-the first receiver, so a send that reaches nobody makes no span), one span
-per receiver around the call (awaited work included), and the exemplar that
-the send's observations carry. Every method swallows its own faults.
+The send (:mod:`sigtrace.dispatch`) checks for a recording parent once, at its
+first receiver, and only then opens a :class:`SendSpans`: the signal span
+(started there, so a send that reaches nobody makes no span), one span per
+receiver around the call (awaited work included), and the exemplar that links
+the send's recorded durations to the trace. The send records every duration
+itself; this module only adds spans and exemplars, and swallows its own faults.
 """
 
 from __future__ import annotations
 
 import typing as t
-from collections.abc import Callable
 from contextvars import Token
-from time import perf_counter
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Span
+from opentelemetry.trace import Span
 
 from . import tracing
 from .bindings import ReceiverBinding, SignalBinding, exemplar_of
@@ -29,6 +29,10 @@ try:  # Flask apps as senders get their name on signal spans.
     from flask.sansio.app import App as _FlaskApp
 except ImportError:  # pragma: no cover - flask is a dependency
     _FlaskApp = type(None)
+
+
+Entered = tuple[Span, Token[Context]] | None
+"""A receiver's span and the token that made it current, or None (no receiver span)."""
 
 
 class SpanSettings(t.NamedTuple):
@@ -58,17 +62,14 @@ class SendSpans:
     def open(
         settings: SpanSettings,
         binding: SignalBinding,
+        parent: Span | None,
         sender: t.Any,
         kwargs: dict[str, t.Any],
     ) -> SendSpans | None:
-        """The spans of a send, or None without a recording parent (and no root spans)."""
+        """The spans of a send under ``parent``, the recording span the send found
+        (None: a root send, with root spans on); None if they cannot be made."""
         try:
-            parent = trace.get_current_span()
-            if not parent.is_recording() and (
-                parent is not INVALID_SPAN or not settings.root_spans
-            ):
-                return None
-            spans = SendSpans(settings.tracer, exemplar_of(parent))
+            spans = SendSpans(settings.tracer, None if parent is None else exemplar_of(parent))
             spans.with_receivers = settings.receiver_spans
             if settings.signal_spans:
                 spans._start_signal_span(settings, binding, sender, kwargs)
@@ -99,48 +100,11 @@ class SendSpans:
         if self.exemplar is None:
             self.exemplar = exemplar_of(span)
 
-    def call(
-        self,
-        binding: ReceiverBinding,
-        call: Callable[..., t.Any],
-        sender: t.Any,
-        kwargs: dict[str, t.Any],
-    ) -> t.Any:
-        """Run one receiver inside its span (when receiver spans are on)."""
-        span, token = self._start_receiver(binding)
-        started = perf_counter()
-        try:
-            result = call(sender, **kwargs)
-        except BaseException as exc:
-            self._end_receiver(binding, span, token, perf_counter() - started, exc)
-            raise
-        self._end_receiver(binding, span, token, perf_counter() - started, None)
-        return result
-
-    async def await_call(
-        self,
-        binding: ReceiverBinding,
-        call: Callable[..., t.Any],
-        sender: t.Any,
-        kwargs: dict[str, t.Any],
-    ) -> t.Any:
-        """Await one receiver inside its span: the span covers the awaited work."""
-        span, token = self._start_receiver(binding)
-        started = perf_counter()
-        try:
-            result = await call(sender, **kwargs)
-        except BaseException as exc:
-            self._end_receiver(binding, span, token, perf_counter() - started, exc)
-            raise
-        self._end_receiver(binding, span, token, perf_counter() - started, None)
-        return result
-
-    def _start_receiver(
-        self, binding: ReceiverBinding
-    ) -> tuple[Span | None, Token[Context] | None]:
+    def enter(self, binding: ReceiverBinding) -> Entered:
+        """Before a receiver's call: its span, made current (when receiver spans are on)."""
         self.called += 1
         if not self.with_receivers:
-            return None, None
+            return None
         try:
             span = self.tracer.start_span(
                 binding.span_name, kind=tracing.INTERNAL, attributes=binding.attributes
@@ -148,25 +112,19 @@ class SendSpans:
             return span, otel_context.attach(trace.set_span_in_context(span))
         except Exception:
             internal_error("receiver span start")
-            return None, None
+            return None
 
-    def _end_receiver(
-        self,
-        binding: ReceiverBinding,
-        span: Span | None,
-        token: Token[Context] | None,
-        elapsed: float,
-        exc: BaseException | None,
+    def leave(
+        self, binding: ReceiverBinding, entered: Entered, elapsed: float, exc: BaseException | None
     ) -> None:
-        if exc is None:
-            binding.observe(elapsed, self.exemplar)
-        else:
-            binding.failed(elapsed, exc, self.exemplar)
-        if span is None:
+        """After the call (its duration already recorded): the exemplar, and the span's end."""
+        if self.exemplar is not None:
+            binding.exemplify(elapsed, self.exemplar)
+        if entered is None:
             return
+        span, token = entered
         try:
-            if token is not None:
-                otel_context.detach(token)
+            otel_context.detach(token)
             if exc is not None:
                 tracing.mark_error(span, exc)
             span.end()
@@ -174,12 +132,13 @@ class SendSpans:
             internal_error("receiver span end")
 
     def finish(self, binding: SignalBinding, elapsed: float, exc: BaseException | None) -> None:
-        """Observe the send's duration with the exemplar and end the signal span."""
-        binding.observe(elapsed, self.exemplar)
+        """After the send (its duration already recorded): the exemplar, the signal span's end."""
+        if self.exemplar is not None:
+            binding.exemplify(elapsed, self.exemplar)
         span = self.span
         if span is None:
             return
-        try:  # even when the metric failed: it detaches the context
+        try:
             if self.token is not None:
                 otel_context.detach(self.token)
             span.set_attribute(tracing.ATTR_RECEIVERS_CALLED, self.called)
