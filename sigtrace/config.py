@@ -188,7 +188,10 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_METRICS_PORT": _Key(_port, None, "port of a separate exposition server"),
     "SIGTRACE_METRICS_ADDR": _Key(_text, "127.0.0.1", "address that server binds"),
     "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route and server require"),
-    "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, none"),
+    "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, slow, none"),
+    "SIGTRACE_SLOW_THRESHOLD": _Key(
+        _positive_seconds, 0.001, "seconds a send or receiver takes for its span under slow"
+    ),
     "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
     "SIGTRACE_INCLUDE_SIGNALS": _Key(_names, (), "only these signal name patterns"),
     "SIGTRACE_EXCLUDE_SIGNALS": _Key(_names, (), "never these signal name patterns"),
@@ -220,6 +223,7 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     metrics_token: str | None = None
     spans: str = "all"
+    slow_threshold: float = 0.001
     root_spans: bool = False
     include_signals: tuple[str, ...] = ()
     exclude_signals: tuple[str, ...] = ()
@@ -239,6 +243,7 @@ class Settings:
             metrics=self.metrics,
             tracing_enabled=self.tracing,
             spans=t.cast(SpanMode, self.spans),
+            slow_threshold=self.slow_threshold,
             root_spans=self.root_spans,
             include=self.include_signals,
             exclude=self.exclude_signals,

@@ -37,7 +37,7 @@ from .faults import internal_error
 from .identity import IdentityCache
 from .metrics import MetricSet, metric_set
 from .options import Options
-from .spans import SendSpans, SpanSettings
+from .spans import SendSpans, SlowSendSpans, SpanSettings
 from .version import __version__
 
 __all__ = [
@@ -79,10 +79,11 @@ class Active:
         if options.tracing_enabled:  # "none": no span, but the parent's exemplar
             self.spans = SpanSettings(
                 tracing.get_tracer(options.tracer_provider),
-                options.spans in ("all", "signals"),
-                options.spans in ("all", "receivers"),
+                options.spans in ("all", "signals", "slow"),
+                options.spans in ("all", "receivers", "slow"),
                 options.root_spans,
                 options.record_kwargs,
+                options.slow_threshold if options.spans == "slow" else None,
             )
         self.root_spans = options.root_spans
         self.signals: IdentityCache[SignalBinding] = IdentityCache()
@@ -128,7 +129,7 @@ def send(
         if binding.plain_receivers and not self.receivers:
             return []  # what blinker's own receivers_for starts with
         results: Results = []
-        spans: SendSpans | None = None
+        spans: SendSpans | SlowSendSpans | None = None
         started = ended = 0.0
         try:
             for receiver in self.receivers_for(sender):
@@ -209,7 +210,7 @@ async def send_async(
         if binding.plain_receivers and not self.receivers:
             return []  # what blinker's own receivers_for starts with
         results: Results = []
-        spans: SendSpans | None = None
+        spans: SendSpans | SlowSendSpans | None = None
         started = ended = 0.0
         try:
             for receiver in self.receivers_for(sender):

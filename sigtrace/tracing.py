@@ -46,8 +46,11 @@ ATTR_RECEIVERS_CALLED = "blinker.receivers.called"
 ATTR_KWARG_PREFIX = "blinker.kwargs."
 ATTR_APP_NAME = "flask.app.name"
 
-SpanMode = t.Literal["all", "signals", "receivers", "none"]
-SPAN_MODES: tuple[str, ...] = ("all", "signals", "receivers", "none")
+SpanMode = t.Literal["all", "signals", "receivers", "slow", "none"]
+SPAN_MODES: tuple[str, ...] = ("all", "signals", "receivers", "slow", "none")
+
+DEFAULT_SLOW_THRESHOLD = 0.001
+"""Seconds a send or receiver takes before ``slow`` exports its span."""
 
 INTERNAL = SpanKind.INTERNAL
 
