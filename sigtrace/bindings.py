@@ -1,8 +1,7 @@
 """What the traced send records, bound once per signal and per receiver.
 
 A :class:`SignalBinding` is made at a signal's first send: its label, whether
-it is recorded, its metric children, span name and attributes, and the
-request hooks of Flask's signals. Each receiver is bound once to a
+it is recorded, its metric children, span name and attributes. Each receiver is bound once to a
 :class:`ReceiverBinding` and cached by identity, so the send does one dict
 lookup per receiver and gets, in one tuple, the binding, whether the receiver
 is a coroutine function and the C method that records its duration.
@@ -25,34 +24,11 @@ from .identity import IdentityCache
 from .metrics import CounterChild, HistogramChild, MetricSet
 
 __all__ = [
-    "RequestHooks",
     "ReceiverBinding",
     "SignalBinding",
     "exemplar_of",
     "records_signal",
 ]
-
-Hook = Callable[[t.Any, dict[str, t.Any]], None]
-
-
-class RequestHooks(t.NamedTuple):
-    """sigtrace's own code run around a signal's receivers (Flask request timing).
-
-    Hooks are not receivers: they never show in ``signal.receivers``, metrics,
-    spans or results, and run even for signals excluded from recording.
-    """
-
-    before: Hook | None = None
-    after: Hook | None = None
-
-
-def run_hook(hook: Hook | None, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
-    if hook is None:
-        return
-    try:
-        hook(sender, kwargs)
-    except Exception:
-        internal_error(getattr(hook, "__qualname__", "request hook"))
 
 
 def _ignore(_value: object = None) -> None:
@@ -159,7 +135,6 @@ class SignalBinding:
         "bound",
         "count_send",
         "duration",
-        "hooks",
         "name",
         "plain_receivers",
         "receivers",
@@ -173,11 +148,9 @@ class SignalBinding:
         name: str,
         recorded: bool,
         metrics: MetricSet | None,
-        hooks: RequestHooks | None,
     ) -> None:
         self.name = name
         self.recorded = recorded
-        self.hooks = hooks
         metrics = metrics if recorded else None
         self._metrics = metrics
         self.count_send: Callable[[], object] = (
@@ -239,6 +212,6 @@ class SignalBinding:
             internal_error("signal metrics")
 
 
-def unrecorded(name: str, hooks: RequestHooks | None) -> SignalBinding:
+def unrecorded(name: str) -> SignalBinding:
     """A binding that records nothing (an excluded signal, or a failed binding)."""
-    return SignalBinding(name, False, None, hooks)
+    return SignalBinding(name, False, None)

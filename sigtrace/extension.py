@@ -1,17 +1,20 @@
 """``SigTrace``: the Flask extension (config, request lifecycle, /metrics, CLI).
 
-Request timing runs as sigtrace hooks around Flask's own signals (see
-:class:`sigtrace.bindings.RequestHooks`), not as receivers, so it never shows up among
-the user's receivers and costs no receiver bookkeeping:
+Request timing uses Flask's own hooks, not signal receivers and not code in
+the traced send:
 
-* ``request_started`` (before its receivers): start the clock, and the SERVER
-  span unless a recording span is already current or
-  opentelemetry-instrumentation-flask will make one;
-* ``got_request_exception`` (before): count the exception, mark the span;
-* ``request_finished`` (after): record the request, end the span;
-* ``request_tearing_down`` (before): the fallback for requests that never
-  reached ``request_finished`` (unhandled exception with
-  ``PROPAGATE_EXCEPTIONS``): recorded once, with status 500.
+* the app's WSGI callable, wrapped (Flask's documented place for code around
+  every request): start the clock, and the SERVER span unless a recording
+  span is already current or opentelemetry-instrumentation-flask will make
+  one, current from before ``request_started`` to after
+  ``request_tearing_down``; on the way out, record the request with the
+  status the app answered (500 if the exception propagated) and end the span;
+* a ``url_value_preprocessor`` (and ``teardown_request``, for requests that
+  never got that far): the matched route and endpoint, the span's name and
+  the user's ``request_hook``;
+* ``after_request``: the response for the user's ``response_hook``;
+* ``teardown_request``: an unhandled exception (what ``got_request_exception``
+  reports): counted, and marked on the span.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import fnmatch
 import logging
 import os
 import re
-import threading
 import typing as t
 from contextvars import Token
 from time import perf_counter
 
 import flask
-from flask import signals as flask_signals
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -44,10 +45,13 @@ from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_OR
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import get_excluded_urls
 from prometheus_client import CollectorRegistry
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.wsgi import get_current_url, get_path_info
 
 from . import dispatch, multiprocess, tracing
 from .bindings import exemplar_of
 from .config import ConfigError, Settings, load_settings
+from .faults import internal_error
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
 
@@ -109,27 +113,42 @@ def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
 class _Request:
     """One request in flight, kept in its WSGI environ."""
 
-    __slots__ = ("endpoint", "exception", "method", "span", "started", "state", "token")
+    __slots__ = (
+        "endpoint",
+        "exception",
+        "method",
+        "named",
+        "response",
+        "span",
+        "started",
+        "state",
+        "status",
+        "token",
+    )
 
-    def __init__(self, state: _AppState, method: str, endpoint: str) -> None:
+    def __init__(self, state: _AppState, method: str) -> None:
         self.state = state
         self.method = method
-        self.endpoint = endpoint
+        self.endpoint = UNMATCHED_ENDPOINT
+        self.named = False
         self.span: trace.Span | None = None
         self.token: Token[Context] | None = None
         self.exception: BaseException | None = None
+        self.response: t.Any = None
+        self.status = 500  # until the app answers
         self.started = perf_counter()
 
-    def finish(self, status: int, response: t.Any = None) -> None:
+    def finish(self) -> None:
         """Record the request and end its span: called exactly once."""
         elapsed = perf_counter() - self.started
+        status = self.status
         span = self.span
         exemplar = None
         if span is not None:
             exemplar = exemplar_of(span)
             hook = self.state.ext.response_hook
-            if hook is not None and response is not None:
-                _call_hook("response_hook", hook, span, response)
+            if hook is not None and self.response is not None:
+                _call_hook("response_hook", hook, span, self.response)
             span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 if self.exception is not None:
@@ -150,48 +169,151 @@ class _Request:
             child.observe(elapsed, exemplar)
 
 
-def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
-    state: _AppState | None = app.extensions.get("sigtrace")
-    if state is None:
-        return
+class _TimedWSGI:
+    """``app.wsgi_app``, timed: each request is recorded and traced around Flask's handling."""
+
+    def __init__(self, app: flask.Flask, wsgi_app: t.Callable[..., t.Any]) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Callable[..., t.Any]) -> t.Any:
+        state: _AppState | None = self.app.extensions.get("sigtrace")
+        record = None
+        if state is not None:
+            try:
+                record = _start_request(self.app, state, environ)
+            except Exception:
+                internal_error("request start")
+        if record is None:
+            return self.wsgi_app(environ, start_response)
+
+        def start(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+            code = status.split(" ", 1)[0]
+            if code.isdigit():
+                record.status = int(code)
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self.wsgi_app(environ, start)
+        except BaseException as exc:  # propagated (PROPAGATE_EXCEPTIONS): answered as 500
+            record.status = 500
+            record.exception = record.exception or exc
+            _finish(record)
+            raise
+        _finish(record)
+        return result
+
+
+def _finish(record: _Request) -> None:
+    try:
+        record.finish()
+        if record.state.publisher is not None:
+            record.state.publisher.after_request()  # publishes only where no thread runs
+    except Exception:
+        internal_error("request end")
+
+
+def _start_request(app: t.Any, state: _AppState, environ: dict[str, t.Any]) -> _Request | None:
+    """The request's record and span, or None for an excluded path."""
     if state.publisher is not None:
         state.publisher.ensure_started()  # multiprocess: from this process's first request
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    if state.is_excluded(request.path) or (
-        state.url_excluded is not None and state.url_excluded(request.url)
+    path = "/" + get_path_info(environ).lstrip("/")
+    if state.is_excluded(path) or (
+        state.url_excluded is not None and state.url_excluded(get_current_url(environ))
     ):
-        return
-    method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
-    rule = request.url_rule
-    endpoint = clean_label(rule.endpoint) if rule is not None else UNMATCHED_ENDPOINT
-    record = _Request(state, method, endpoint)
-    request.environ[_ENVIRON_KEY] = record
+        return None
+    method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+    method = method if method in _KNOWN_METHODS else "_OTHER"
+    record = _Request(state, method)
+    environ[_ENVIRON_KEY] = record
     if state.tracer is None or tracing.recording_parent():
-        return  # no tracing, or nested under the caller's span
+        return record  # no tracing, or nested under the caller's span
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
-        return  # opentelemetry-instrumentation-flask makes the server span
-    parent = propagate.extract(request.headers)
-    route = rule.rule if rule is not None else None
-    environ = request.environ
+        return record  # opentelemetry-instrumentation-flask makes the server span
+    parent = propagate.extract(EnvironHeaders(environ))
     attributes: dict[str, t.Any] = {
         HTTP_REQUEST_METHOD: method,
-        URL_PATH: request.path,
-        URL_SCHEME: request.scheme,
+        URL_PATH: path,
+        URL_SCHEME: environ.get("wsgi.url_scheme", "http"),
     }
-    if route is not None:
-        attributes[HTTP_ROUTE] = route
     _add_connection_attributes(attributes, environ)
+    # Named by its route once Flask has matched the URL (_name_request).
     span = state.tracer.start_span(
-        f"{method} {route}" if route is not None else method,
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=attributes,
+        method, context=parent, kind=SpanKind.SERVER, attributes=attributes
     )
     record.span = span
     record.token = otel_context.attach(trace.set_span_in_context(span, parent))
-    hook = state.ext.request_hook
+    return record
+
+
+def _current_record() -> _Request | None:
+    if not flask.has_request_context():
+        return None
+    record: _Request | None = flask.request.environ.get(_ENVIRON_KEY)
+    return record
+
+
+def _name_request(_endpoint: str | None = None, _values: t.Any = None) -> None:
+    """Once the URL is matched: the endpoint label, the span's route and name, the
+    user's request_hook (a url_value_preprocessor; teardown_request if it never ran)."""
+    record = _current_record()
+    if record is None or record.named:
+        return
+    record.named = True
+    try:
+        _name(record)
+    except Exception:
+        internal_error("request naming")
+
+
+def _name(record: _Request) -> None:
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    rule = request.url_rule
+    if rule is not None:
+        record.endpoint = clean_label(rule.endpoint)
+    span = record.span
+    if span is None:
+        return
+    if rule is not None:
+        span.set_attribute(HTTP_ROUTE, rule.rule)
+        span.update_name(f"{record.method} {rule.rule}")
+    hook = record.state.ext.request_hook
     if hook is not None:
         _call_hook("request_hook", hook, span, request)
+
+
+def _keep_response(response: flask.Response) -> flask.Response:
+    """after_request: the response the user's response_hook gets."""
+    try:
+        record = _current_record()
+        if record is not None:
+            record.response = response
+    except Exception:
+        internal_error("request response")
+    return response
+
+
+def _note_exception(exc: BaseException | None) -> None:
+    """teardown_request: an unhandled exception (the one got_request_exception reports)."""
+    try:
+        record = _current_record()
+        if record is not None:
+            _name_request()
+            if exc is not None:
+                _count_exception(record, exc)
+    except Exception:
+        internal_error("request exception")
+
+
+def _count_exception(record: _Request, exc: BaseException) -> None:
+    record.exception = exc
+    metrics = record.state.metrics
+    if metrics is not None:
+        metrics.http_exceptions.child(
+            record.method, record.endpoint, clean_label(type(exc).__name__)
+        ).inc()
+    if record.span is not None:
+        tracing.mark_error(record.span, exc)
 
 
 def _add_connection_attributes(attributes: dict[str, t.Any], environ: dict[str, t.Any]) -> None:
@@ -245,66 +367,15 @@ def _call_hook(name: str, hook: t.Callable[..., object], span: trace.Span, arg: 
             )
 
 
-def _on_request_finished(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    record = _pop_record()
-    if record is not None:
-        response = kwargs.get("response")
-        record.finish(getattr(response, "status_code", 200), response)
-        if record.state.publisher is not None:
-            record.state.publisher.after_request()  # publishes only where no thread runs
-
-
-def _on_got_request_exception(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    exception = kwargs.get("exception")
-    if not isinstance(exception, BaseException):
+def _time_requests(app: flask.Flask) -> None:
+    """Wrap the app's WSGI callable and register the hooks, once per app."""
+    if getattr(app, "_sigtrace_timed", False):
         return
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    record: _Request | None = request.environ.get(_ENVIRON_KEY)
-    if record is None:
-        return
-    record.exception = exception
-    metrics = record.state.metrics
-    if metrics is not None:
-        metrics.http_exceptions.child(
-            record.method, record.endpoint, clean_label(type(exception).__name__)
-        ).inc()
-    if record.span is not None:
-        tracing.mark_error(record.span, exception)
-
-
-def _on_request_tearing_down(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    record = _pop_record()
-    if record is not None:  # request_finished never came: an unhandled exception
-        record.finish(500)
-
-
-def _pop_record() -> _Request | None:
-    if not flask.has_request_context():
-        return None
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    record: _Request | None = request.environ.pop(_ENVIRON_KEY, None)
-    return record
-
-
-_hooks_lock = threading.Lock()
-_hooks_installed = False
-
-
-def _install_request_hooks() -> None:
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        hooks = dispatch.RequestHooks
-        dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
-        dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
-        dispatch.set_hooks(
-            flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
-        )
-        dispatch.set_hooks(
-            flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
-        )
-        _hooks_installed = True
+    app.wsgi_app = _TimedWSGI(app, app.wsgi_app)  # type: ignore[method-assign]
+    app.url_value_preprocessor(_name_request)
+    app.after_request(_keep_response)
+    app.teardown_request(_note_exception)
+    app._sigtrace_timed = True  # type: ignore[attr-defined]
 
 
 MetricsAuth = t.Callable[[flask.Request], bool]
@@ -375,7 +446,7 @@ class SigTrace:
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         if metrics is not None:
             state.publisher = multiprocess.attach(metrics, settings.publish_interval)
-        _install_request_hooks()
+        _time_requests(app)
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(
                 settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]

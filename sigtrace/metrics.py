@@ -329,7 +329,7 @@ class MetricSet:
         )  # fmt: skip
         self.http_duration = family(
             "sigtrace_http_request_duration_seconds",
-            "Flask requests from request_started to request_finished.",
+            "Flask requests, from the app's WSGI call to its answer.",
             ("method", "endpoint", "status"), "histogram",
         )  # fmt: skip
         self.http_exceptions = family(
