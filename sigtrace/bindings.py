@@ -58,6 +58,16 @@ _count_type = type(CounterChild()._count)
 _C_METHODS = (types.BuiltinMethodType, types.MethodWrapperType)
 
 
+def _exemplify(
+    duration: HistogramChild | None, elapsed: float, exemplar: dict[str, str], where: str
+) -> None:
+    try:
+        if duration is not None:
+            duration.exemplify(elapsed, exemplar)
+    except Exception:
+        internal_error(where)
+
+
 def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
     """Whether the include/exclude patterns let signal ``name`` be recorded."""
     include = tuple(include)
@@ -111,11 +121,7 @@ class ReceiverBinding:
 
     def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
         """Link the call's recorded duration to a span; never raises."""
-        try:
-            if self.duration is not None:
-                self.duration.exemplify(elapsed, exemplar)
-        except Exception:
-            internal_error("receiver metrics")
+        _exemplify(self.duration, elapsed, exemplar, "receiver metrics")
 
 
 _MAX_SHARED_RECEIVERS = 1000  # receiver names a signal keeps bindings for
@@ -205,11 +211,7 @@ class SignalBinding:
 
     def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
         """Link the send's recorded duration to a span; never raises."""
-        try:
-            if self.duration is not None:
-                self.duration.exemplify(elapsed, exemplar)
-        except Exception:
-            internal_error("signal metrics")
+        _exemplify(self.duration, elapsed, exemplar, "signal metrics")
 
 
 def unrecorded(name: str) -> SignalBinding:
