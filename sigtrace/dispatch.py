@@ -122,6 +122,7 @@ def send(
     if binding.plain_receivers and not self.receivers:
         return []  # what blinker's own receivers_for starts with
     results: Results = []
+    append = results.append
     spans: SendSpans | SlowSendSpans | None = None
     started = ended = 0.0
     try:
@@ -158,7 +159,7 @@ def send(
             record(ended - call_started)
             if spans is not None:
                 spans.leave(receiver_binding, entered, ended - call_started, None)
-            results.append((receiver, result))
+            append((receiver, result))
     except BaseException as exc:
         if started:
             elapsed = perf_counter() - started
@@ -196,6 +197,7 @@ async def send_async(
     if binding.plain_receivers and not self.receivers:
         return []  # what blinker's own receivers_for starts with
     results: Results = []
+    append = results.append
     spans: SendSpans | SlowSendSpans | None = None
     started = ended = 0.0
     try:
@@ -232,7 +234,7 @@ async def send_async(
             record(ended - call_started)
             if spans is not None:
                 spans.leave(receiver_binding, entered, ended - call_started, None)
-            results.append((receiver, result))
+            append((receiver, result))
     except BaseException as exc:
         if started:
             elapsed = perf_counter() - started

@@ -9,12 +9,12 @@ the traced send:
   one, current from before ``request_started`` to after
   ``request_tearing_down``; on the way out, record the request with the
   status the app answered (500 if the exception propagated) and end the span;
-* a ``url_value_preprocessor`` (and ``teardown_request``, for requests that
-  never got that far): the matched route and endpoint, the span's name and
-  the user's ``request_hook``;
-* ``after_request``: the response for the user's ``response_hook``;
-* ``teardown_request``: an unhandled exception (what ``got_request_exception``
-  reports): counted, and marked on the span.
+* ``teardown_request``: the matched route and endpoint (the span's name and
+  ``http.route``), and an unhandled exception (what ``got_request_exception``
+  reports): counted, and marked on the span;
+* with a ``request_hook``, a ``url_value_preprocessor`` names the request as
+  soon as Flask has matched its URL and calls the hook; with a
+  ``response_hook``, ``after_request`` keeps the response for it.
 """
 
 from __future__ import annotations
@@ -254,16 +254,20 @@ def _current_record() -> _Request | None:
 
 
 def _name_request(_endpoint: str | None = None, _values: t.Any = None) -> None:
-    """Once the URL is matched: the endpoint label, the span's route and name, the
-    user's request_hook (a url_value_preprocessor; teardown_request if it never ran)."""
-    record = _current_record()
-    if record is None or record.named:
-        return
-    record.named = True
+    """url_value_preprocessor, registered only for a ``request_hook``: name the request
+    as soon as Flask has matched its URL, so that the hook sees the route."""
     try:
-        _name(record)
+        record = _current_record()
+        if record is not None:
+            _name_once(record)
     except Exception:
         internal_error("request naming")
+
+
+def _name_once(record: _Request) -> None:
+    if not record.named:
+        record.named = True
+        _name(record)
 
 
 def _name(record: _Request) -> None:
@@ -294,15 +298,16 @@ def _keep_response(response: flask.Response) -> flask.Response:
 
 
 def _note_exception(exc: BaseException | None) -> None:
-    """teardown_request: an unhandled exception (the one got_request_exception reports)."""
+    """teardown_request: the request's name (endpoint, route) and an unhandled
+    exception (the one got_request_exception reports)."""
     try:
         record = _current_record()
         if record is not None:
-            _name_request()
+            _name_once(record)
             if exc is not None:
                 _count_exception(record, exc)
     except Exception:
-        internal_error("request exception")
+        internal_error("request teardown")
 
 
 def _count_exception(record: _Request, exc: BaseException) -> None:
@@ -367,15 +372,17 @@ def _call_hook(name: str, hook: t.Callable[..., object], span: trace.Span, arg: 
             )
 
 
-def _time_requests(app: flask.Flask) -> None:
-    """Wrap the app's WSGI callable and register the hooks, once per app."""
-    if getattr(app, "_sigtrace_timed", False):
-        return
-    app.wsgi_app = _TimedWSGI(app, app.wsgi_app)  # type: ignore[method-assign]
-    app.url_value_preprocessor(_name_request)
-    app.after_request(_keep_response)
-    app.teardown_request(_note_exception)
-    app._sigtrace_timed = True  # type: ignore[attr-defined]
+def _time_requests(app: flask.Flask, ext: SigTrace) -> None:
+    """Wrap the app's WSGI callable and register the hooks, once per app (the
+    user's request and response hooks' only when they are given)."""
+    if not getattr(app, "_sigtrace_timed", False):
+        app.wsgi_app = _TimedWSGI(app, app.wsgi_app)  # type: ignore[method-assign]
+        app.teardown_request(_note_exception)
+        app._sigtrace_timed = True  # type: ignore[attr-defined]
+    if ext.request_hook is not None and _name_request not in app.url_value_preprocessors[None]:
+        app.url_value_preprocessor(_name_request)
+    if ext.response_hook is not None and _keep_response not in app.after_request_funcs[None]:
+        app.after_request(_keep_response)
 
 
 MetricsAuth = t.Callable[[flask.Request], bool]
@@ -446,7 +453,7 @@ class SigTrace:
         state = app.extensions["sigtrace"] = _AppState(self, settings, metrics)
         if metrics is not None:
             state.publisher = multiprocess.attach(metrics, settings.publish_interval)
-        _time_requests(app)
+        _time_requests(app, self)
         if settings.metrics and settings.metrics_path:
             app.add_url_rule(
                 settings.metrics_path, _METRICS_ENDPOINT, self._metrics_view, methods=["GET"]

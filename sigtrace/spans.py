@@ -344,13 +344,23 @@ class SlowSendSpans:
     observation, else its nearest exported ancestor known when the call ends.
     """
 
-    __slots__ = ("called", "scope", "threshold", "tracer")
+    __slots__ = ("called", "exemplar", "scope", "threshold", "tracer")
 
     def __init__(self, tracer: trace.Tracer, scope: DeferredSpan, threshold: float) -> None:
         self.tracer = tracer
         self.scope = scope
         self.threshold = threshold
         self.called = 0
+        # The nearest span above the send sure to be exported, as an exemplar.
+        self.exemplar = _exemplar(
+            scope.parent.exported() if isinstance(scope.parent, DeferredSpan) else scope.parent
+        )
+
+    def _fallback(self) -> dict[str, str] | None:
+        """The exemplar of an unexported call: the signal span's, if it is made, else
+        the nearest exported one above the send."""
+        span = self.scope.span
+        return self.exemplar if span is None else exemplar_of(span)
 
     @staticmethod
     def open(
@@ -393,7 +403,7 @@ class SlowSendSpans:
             if exc is None and elapsed < self.threshold:
                 deferred.elapsed = elapsed  # first: a span made from now on ends itself
                 if deferred.span is None:  # fast, no child: not exported
-                    exemplar = _exemplar(self.scope.exported())
+                    exemplar = self._fallback()
                     if exemplar is not None:
                         binding.exemplify(elapsed, exemplar)
                     return
@@ -412,7 +422,7 @@ class SlowSendSpans:
             if exc is None and elapsed < self.threshold:
                 scope.elapsed = elapsed
                 if scope.span is None:  # fast, no exported receiver span: not exported
-                    exemplar = _exemplar(scope.exported())
+                    exemplar = self.exemplar
                     if exemplar is not None:
                         binding.exemplify(elapsed, exemplar)
                     return
