@@ -33,6 +33,26 @@ except ImportError:  # pragma: no cover - flask is a dependency
     _FlaskApp = type(None)
 
 
+_VAR = tracing.CONTEXT_VAR
+_SPAN_KEY = tracing.SPAN_KEY
+
+
+def _make_current(span: Span) -> Token[Context]:
+    """``context.attach(trace.set_span_in_context(span))``: straight through the
+    ContextVar with the default runtime context (see :data:`tracing.CONTEXT_VAR`)."""
+    if _VAR is not None:
+        return _VAR.set(Context({**_VAR.get(), _SPAN_KEY: span}))
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def _restore(token: Token[Context]) -> None:
+    """``context.detach(token)``, the same way."""
+    if _VAR is not None:
+        _VAR.reset(token)
+    else:
+        otel_context.detach(token)
+
+
 Entered = tuple[Span, Token[Context]] | None
 """A receiver's span and the token that made it current, or None (no receiver span)."""
 
@@ -110,7 +130,7 @@ class SendSpans:
             attributes=_signal_attributes(settings, binding, sender, kwargs),
         )
         self.span = span
-        self.token = otel_context.attach(trace.set_span_in_context(span))
+        self.token = _make_current(span)
         if self.exemplar is None:
             self.exemplar = exemplar_of(span)
 
@@ -123,7 +143,7 @@ class SendSpans:
             span = self.tracer.start_span(
                 binding.span_name, kind=tracing.INTERNAL, attributes=binding.attributes
             )
-            return span, otel_context.attach(trace.set_span_in_context(span))
+            return span, _make_current(span)
         except Exception:
             internal_error("receiver span start")
             return None
@@ -138,7 +158,7 @@ class SendSpans:
             return
         span, token = entered
         try:
-            otel_context.detach(token)
+            _restore(token)
             if exc is not None:
                 tracing.mark_error(span, exc)
             span.end()
@@ -154,7 +174,7 @@ class SendSpans:
             return
         try:
             if self.token is not None:
-                otel_context.detach(self.token)
+                _restore(self.token)
             span.set_attribute(tracing.ATTR_RECEIVERS_CALLED, self.called)
             if exc is not None:
                 tracing.mark_error(span, exc)
@@ -217,7 +237,7 @@ class DeferredSpan(Span):
         self.elapsed: float | None = None  # set when the call ended unexported
         self.called: int | None = None  # a signal span's blinker.receivers.called
         self.closed = False
-        self.pending: list[tuple[str, tuple[t.Any, ...]]] = []
+        self.pending: list[tuple[str, tuple[t.Any, ...]]] | None = None  # made on first use
 
     def made(self) -> Span:
         """The real span, made now if it was not (its parents first); ended, if the
@@ -241,9 +261,9 @@ class DeferredSpan(Span):
                 attributes=self.attributes,
                 start_time=self.start_ns,
             )
-            for method, args in self.pending:
+            for method, args in self.pending or ():
                 getattr(span, method)(*args)
-            self.pending.clear()
+            self.pending = None
             self.span = span
         return span
 
@@ -275,6 +295,8 @@ class DeferredSpan(Span):
             if self.span is not None:
                 getattr(self.span, method)(*args)
             elif not self.closed and self.elapsed is None:
+                if self.pending is None:
+                    self.pending = []
                 self.pending.append((method, args))
 
     # The Span API: what other code may do with the current span.
@@ -385,7 +407,7 @@ class SlowSendSpans:
             deferred = DeferredSpan(
                 self.tracer, binding.span_name, binding.attributes, self.scope, time_ns()
             )
-            return deferred, otel_context.attach(trace.set_span_in_context(deferred))
+            return deferred, _make_current(deferred)
         except Exception:
             internal_error("receiver span start")
             return None
@@ -398,7 +420,7 @@ class SlowSendSpans:
             return
         deferred, token = entered
         try:
-            otel_context.detach(token)
+            _restore(token)
             deferred = t.cast(DeferredSpan, deferred)
             if exc is None and elapsed < self.threshold:
                 deferred.elapsed = elapsed  # first: a span made from now on ends itself
