@@ -58,14 +58,14 @@ _count_type = type(CounterChild()._count)
 _C_METHODS = (types.BuiltinMethodType, types.MethodWrapperType)
 
 
-def _exemplify(
-    duration: HistogramChild | None, elapsed: float, exemplar: dict[str, str], where: str
-) -> None:
-    try:
-        if duration is not None:
-            duration.exemplify(elapsed, exemplar)
-    except Exception:
-        internal_error(where)
+def _ignore_exemplar(_elapsed: float, _exemplar: dict[str, str]) -> None:
+    return None
+
+
+def _exemplifier(duration: HistogramChild | None) -> Callable[[float, dict[str, str]], None]:
+    """``exemplify(elapsed, exemplar)``: links a recorded duration to a span. It may
+    raise (a broken metric backend): the spans that call it guard it."""
+    return duration.exemplify if duration is not None else _ignore_exemplar
 
 
 def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
@@ -91,7 +91,15 @@ def exemplar_of(span: t.Any) -> dict[str, str] | None:
 class ReceiverBinding:
     """What one (signal, receiver name) pair records, bound once."""
 
-    __slots__ = ("_errors", "_errors_family", "_labels", "attributes", "duration", "span_name")
+    __slots__ = (
+        "_errors",
+        "_errors_family",
+        "_labels",
+        "attributes",
+        "duration",
+        "exemplify",
+        "span_name",
+    )
 
     def __init__(self, signal: str, name: str, metrics: MetricSet | None) -> None:
         self._labels = (signal, name)
@@ -100,6 +108,7 @@ class ReceiverBinding:
         self.duration: HistogramChild | None = (
             metrics.receiver_duration.child(signal, name) if metrics else None
         )
+        self.exemplify = _exemplifier(self.duration)
         self.span_name = f"receiver {name}"
         self.attributes = {
             tracing.ATTR_SIGNAL_NAME: signal,
@@ -119,10 +128,6 @@ class ReceiverBinding:
         except Exception:
             internal_error("receiver metrics")
 
-    def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
-        """Link the call's recorded duration to a span; never raises."""
-        _exemplify(self.duration, elapsed, exemplar, "receiver metrics")
-
 
 _MAX_SHARED_RECEIVERS = 1000  # receiver names a signal keeps bindings for
 
@@ -141,6 +146,7 @@ class SignalBinding:
         "bound",
         "count_send",
         "duration",
+        "exemplify",
         "name",
         "plain_receivers",
         "receivers",
@@ -168,6 +174,7 @@ class SignalBinding:
         self.record: Callable[[float], None] = (
             _safe(self.duration.record, "signal metrics") if self.duration else _ignore
         )
+        self.exemplify = _exemplifier(self.duration)
         self._names: dict[str, ReceiverBinding] = {}
         self.receivers: IdentityCache[Bound] = IdentityCache()
         self.bound = self.receivers.get  # the send's lookup: bound(id(receiver))
@@ -208,10 +215,6 @@ class SignalBinding:
             key = receiver.__func__ if type(receiver) is types.MethodType else receiver
             self.receivers.put(key, bound)
         return bound
-
-    def exemplify(self, elapsed: float, exemplar: dict[str, str]) -> None:
-        """Link the send's recorded duration to a span; never raises."""
-        _exemplify(self.duration, elapsed, exemplar, "signal metrics")
 
 
 def unrecorded(name: str) -> SignalBinding:

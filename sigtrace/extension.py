@@ -119,6 +119,7 @@ class _Request:
         "method",
         "named",
         "response",
+        "route",
         "span",
         "started",
         "state",
@@ -135,6 +136,7 @@ class _Request:
         self.token: Token[Context] | None = None
         self.exception: BaseException | None = None
         self.response: t.Any = None
+        self.route: str | None = None  # the matched URL rule
         self.status = 500  # until the app answers
         self.started = perf_counter()
 
@@ -149,7 +151,11 @@ class _Request:
             hook = self.state.ext.response_hook
             if hook is not None and self.response is not None:
                 _call_hook("response_hook", hook, span, self.response)
-            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+            if self.route is not None:
+                span.update_name(f"{self.method} {self.route}")
+                span.set_attributes({HTTP_ROUTE: self.route, HTTP_RESPONSE_STATUS_CODE: status})
+            else:
+                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 if self.exception is not None:
                     span.set_attribute(ERROR_TYPE, tracing.qualified_class_name(self.exception))
@@ -246,50 +252,43 @@ def _start_request(app: t.Any, state: _AppState, environ: dict[str, t.Any]) -> _
     return record
 
 
-def _current_record() -> _Request | None:
-    if not flask.has_request_context():
-        return None
-    record: _Request | None = flask.request.environ.get(_ENVIRON_KEY)
-    return record
+def _current() -> tuple[t.Any, _Request | None]:
+    """The request (Flask's hooks run inside one) and sigtrace's record of it."""
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    return request, request.environ.get(_ENVIRON_KEY)
 
 
 def _name_request(_endpoint: str | None = None, _values: t.Any = None) -> None:
     """url_value_preprocessor, registered only for a ``request_hook``: name the request
-    as soon as Flask has matched its URL, so that the hook sees the route."""
+    as soon as Flask has matched its URL, and call the hook with its span."""
     try:
-        record = _current_record()
-        if record is not None:
-            _name_once(record)
+        request, record = _current()
+        if record is None or record.named:
+            return
+        _name(record, request)
+        span, hook = record.span, record.state.ext.request_hook
+        if span is not None and hook is not None:
+            if record.route is not None:
+                span.set_attribute(HTTP_ROUTE, record.route)
+                span.update_name(f"{record.method} {record.route}")
+            _call_hook("request_hook", hook, span, request)
     except Exception:
         internal_error("request naming")
 
 
-def _name_once(record: _Request) -> None:
-    if not record.named:
-        record.named = True
-        _name(record)
-
-
-def _name(record: _Request) -> None:
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+def _name(record: _Request, request: t.Any) -> None:
+    """The endpoint label and the route (set on the span when it ends)."""
+    record.named = True
     rule = request.url_rule
     if rule is not None:
         record.endpoint = clean_label(rule.endpoint)
-    span = record.span
-    if span is None:
-        return
-    if rule is not None:
-        span.set_attribute(HTTP_ROUTE, rule.rule)
-        span.update_name(f"{record.method} {rule.rule}")
-    hook = record.state.ext.request_hook
-    if hook is not None:
-        _call_hook("request_hook", hook, span, request)
+        record.route = rule.rule
 
 
 def _keep_response(response: flask.Response) -> flask.Response:
     """after_request: the response the user's response_hook gets."""
     try:
-        record = _current_record()
+        _request, record = _current()
         if record is not None:
             record.response = response
     except Exception:
@@ -301,9 +300,10 @@ def _note_exception(exc: BaseException | None) -> None:
     """teardown_request: the request's name (endpoint, route) and an unhandled
     exception (the one got_request_exception reports)."""
     try:
-        record = _current_record()
+        request, record = _current()
         if record is not None:
-            _name_once(record)
+            if not record.named:
+                _name(record, request)
             if exc is not None:
                 _count_exception(record, exc)
     except Exception:

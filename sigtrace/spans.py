@@ -151,34 +151,32 @@ class SendSpans:
     def leave(
         self, binding: ReceiverBinding, entered: Entered, elapsed: float, exc: BaseException | None
     ) -> None:
-        """After the call (its duration already recorded): the exemplar, and the span's end."""
-        if self.exemplar is not None:
-            binding.exemplify(elapsed, self.exemplar)
-        if entered is None:
-            return
-        span, token = entered
+        """After the call (its duration already recorded): the span's end, the exemplar."""
         try:
-            _restore(token)
-            if exc is not None:
-                tracing.mark_error(span, exc)
-            span.end()
+            if entered is not None:
+                span, token = entered
+                _restore(token)
+                if exc is not None:
+                    tracing.mark_error(span, exc)
+                span.end()
+            if self.exemplar is not None:
+                binding.exemplify(elapsed, self.exemplar)
         except Exception:
             internal_error("receiver span end")
 
     def finish(self, binding: SignalBinding, elapsed: float, exc: BaseException | None) -> None:
-        """After the send (its duration already recorded): the exemplar, the signal span's end."""
-        if self.exemplar is not None:
-            binding.exemplify(elapsed, self.exemplar)
-        span = self.span
-        if span is None:
-            return
+        """After the send (its duration already recorded): the signal span's end, the exemplar."""
         try:
-            if self.token is not None:
-                _restore(self.token)
-            span.set_attribute(tracing.ATTR_RECEIVERS_CALLED, self.called)
-            if exc is not None:
-                tracing.mark_error(span, exc)
-            span.end()
+            span = self.span
+            if span is not None:
+                if self.token is not None:
+                    _restore(self.token)
+                span.set_attribute(tracing.ATTR_RECEIVERS_CALLED, self.called)
+                if exc is not None:
+                    tracing.mark_error(span, exc)
+                span.end()
+            if self.exemplar is not None:
+                binding.exemplify(elapsed, self.exemplar)
         except Exception:
             internal_error("signal span end")
 
@@ -378,12 +376,6 @@ class SlowSendSpans:
             scope.parent.exported() if isinstance(scope.parent, DeferredSpan) else scope.parent
         )
 
-    def _fallback(self) -> dict[str, str] | None:
-        """The exemplar of an unexported call: the signal span's, if it is made, else
-        the nearest exported one above the send."""
-        span = self.scope.span
-        return self.exemplar if span is None else exemplar_of(span)
-
     @staticmethod
     def open(
         settings: SpanSettings,
@@ -418,19 +410,20 @@ class SlowSendSpans:
         """After the call: export its span if it must be, and the exemplar."""
         if entered is None:
             return
+        # enter() made it a DeferredSpan (not cast: this runs for every receiver)
         deferred, token = entered
         try:
             _restore(token)
-            deferred = t.cast(DeferredSpan, deferred)
             if exc is None and elapsed < self.threshold:
-                deferred.elapsed = elapsed  # first: a span made from now on ends itself
-                if deferred.span is None:  # fast, no child: not exported
-                    exemplar = self._fallback()
+                # First: a span made from now on (a late child) ends itself.
+                deferred.elapsed = elapsed  # type: ignore[attr-defined]
+                if deferred.span is None:  # type: ignore[attr-defined]  # fast, no child: none
+                    scope_span = self.scope.span
+                    exemplar = self.exemplar if scope_span is None else exemplar_of(scope_span)
                     if exemplar is not None:
                         binding.exemplify(elapsed, exemplar)
                     return
-            span = deferred.close(exc, time_ns())
-            exemplar = exemplar_of(span)
+            exemplar = exemplar_of(t.cast(DeferredSpan, deferred).close(exc, time_ns()))
             if exemplar is not None:
                 binding.exemplify(elapsed, exemplar)
         except Exception:
