@@ -166,7 +166,10 @@ def build(mode: str) -> Mode:
     spans, tracing = None, mode.startswith(("sigtrace-full", "sigtrace-slow"))
     if tracing or mode.startswith("otel"):  # spans per request: sigtrace-full's five, or one
         spans = (*tracer_provider(), 5 if mode.startswith("sigtrace-full") else 1)
-    config = {"SIGTRACE_TRACING": tracing, "SIGTRACE_SPANS": "slow" if "slow" in mode else "all"}
+    config: dict[str, t.Any] = {"SIGTRACE_TRACING": tracing}
+    if "slow" in mode:  # its receivers do nothing: measured, the path of calls under the
+        # threshold, with a threshold (1 s) that a descheduled worker never reaches either
+        config.update(SIGTRACE_SPANS="slow", SIGTRACE_SLOW_THRESHOLD=1.0)
     app, samples = signup_app(config=config), {}
     if mode.startswith("pfe") or mode == "otel+pfe":
         samples = _PFE
