@@ -399,6 +399,8 @@ class SlowSendSpans:
             deferred = DeferredSpan(
                 self.tracer, binding.span_name, binding.attributes, self.scope, time_ns()
             )
+            if _VAR is not None:  # _make_current(), inlined: this runs for every receiver
+                return deferred, _VAR.set(Context({**_VAR.get(), _SPAN_KEY: deferred}))
             return deferred, _make_current(deferred)
         except Exception:
             internal_error("receiver span start")
@@ -413,7 +415,10 @@ class SlowSendSpans:
         # enter() made it a DeferredSpan (not cast: this runs for every receiver)
         deferred, token = entered
         try:
-            _restore(token)
+            if _VAR is not None:  # _restore(), inlined
+                _VAR.reset(token)
+            else:
+                _restore(token)
             if exc is None and elapsed < self.threshold:
                 # First: a span made from now on (a late child) ends itself.
                 deferred.elapsed = elapsed  # type: ignore[attr-defined]
