@@ -122,7 +122,6 @@ def send(
     if binding.plain_receivers and not self.receivers:
         return []  # what blinker's own receivers_for starts with
     results: Results = []
-    append = results.append
     spans: SendSpans | SlowSendSpans | None = None
     started = ended = 0.0
     try:
@@ -159,7 +158,7 @@ def send(
             record(ended - call_started)
             if spans is not None:
                 spans.leave(receiver_binding, entered, ended - call_started, None)
-            append((receiver, result))
+            results.append((receiver, result))
     except BaseException as exc:
         if started:
             elapsed = perf_counter() - started
@@ -197,7 +196,6 @@ async def send_async(
     if binding.plain_receivers and not self.receivers:
         return []  # what blinker's own receivers_for starts with
     results: Results = []
-    append = results.append
     spans: SendSpans | SlowSendSpans | None = None
     started = ended = 0.0
     try:
@@ -234,7 +232,7 @@ async def send_async(
             record(ended - call_started)
             if spans is not None:
                 spans.leave(receiver_binding, entered, ended - call_started, None)
-            append((receiver, result))
+            results.append((receiver, result))
     except BaseException as exc:
         if started:
             elapsed = perf_counter() - started
