@@ -143,20 +143,29 @@ def send(
                     elif active.root_spans and (parent is None or parent is INVALID_SPAN):
                         spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
                 started = perf_counter()
-            entered = spans.enter(receiver_binding) if spans is not None else None
-            call_started = perf_counter()
-            try:
-                result = call(sender, **kwargs)
-            except BaseException as exc:
-                elapsed = perf_counter() - call_started
-                record(elapsed)
-                receiver_binding.count_error(exc)
-                if spans is not None:
+            if spans is None:
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    record(perf_counter() - call_started)
+                    receiver_binding.count_error(exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+            else:  # the same, inside the receiver's span
+                entered = spans.enter(receiver_binding)
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
                     spans.leave(receiver_binding, entered, elapsed, exc)
-                raise
-            ended = perf_counter()
-            record(ended - call_started)
-            if spans is not None:
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
                 spans.leave(receiver_binding, entered, ended - call_started, None)
             results.append((receiver, result))
     except BaseException as exc:
@@ -217,20 +226,29 @@ async def send_async(
                     elif active.root_spans and (parent is None or parent is INVALID_SPAN):
                         spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
                 started = perf_counter()
-            entered = spans.enter(receiver_binding) if spans is not None else None
-            call_started = perf_counter()
-            try:
-                result = await call(sender, **kwargs)
-            except BaseException as exc:
-                elapsed = perf_counter() - call_started
-                record(elapsed)
-                receiver_binding.count_error(exc)
-                if spans is not None:
+            if spans is None:
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    record(perf_counter() - call_started)
+                    receiver_binding.count_error(exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+            else:  # the same, inside the receiver's span
+                entered = spans.enter(receiver_binding)
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
                     spans.leave(receiver_binding, entered, elapsed, exc)
-                raise
-            ended = perf_counter()
-            record(ended - call_started)
-            if spans is not None:
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
                 spans.leave(receiver_binding, entered, ended - call_started, None)
             results.append((receiver, result))
     except BaseException as exc:
