@@ -53,8 +53,9 @@ def _restore(token: Token[Context]) -> None:
         otel_context.detach(token)
 
 
-Entered = tuple[Span, Token[Context]] | None
-"""A receiver's span and the token that made it current, or None (no receiver span)."""
+Entered = t.Union[tuple[Span, Token[Context]], "DeferredSpan", None]
+"""What a receiver's call runs under: its span and the token that made it current,
+a deferred span (``slow``, which keeps its own token), or None (no receiver span)."""
 
 
 class SpanSettings(t.NamedTuple):
@@ -78,7 +79,8 @@ def _signal_attributes(
         attributes = dict(attributes)
         if is_app:
             attributes[tracing.ATTR_APP_NAME] = str(sender.name)
-        attributes.update(tracing.kwarg_attributes(settings.record_kwargs, kwargs))
+        if settings.record_kwargs:
+            attributes.update(tracing.kwarg_attributes(settings.record_kwargs, kwargs))
     return attributes
 
 
@@ -154,7 +156,7 @@ class SendSpans:
         """After the call (its duration already recorded): the span's end, the exemplar."""
         try:
             if entered is not None:
-                span, token = entered
+                span, token = entered  # type: ignore[misc]  # what enter() made: a pair
                 _restore(token)
                 if exc is not None:
                     tracing.mark_error(span, exc)
@@ -205,18 +207,14 @@ class DeferredSpan(Span):
     whose creation can be decided after the fact, hence this class.
     """
 
-    __slots__ = (
-        "attributes",
-        "called",
-        "closed",
-        "elapsed",
-        "name",
-        "parent",
-        "pending",
-        "span",
-        "start_ns",
-        "tracer",
-    )
+    # No __slots__: the fields most spans never change are class attributes, so
+    # that making one (for every receiver call) stores five fields, not eleven.
+    span: Span | None = None  # the real span, once made
+    elapsed: float | None = None  # set when the call ended unexported
+    called: int | None = None  # a signal span's blinker.receivers.called
+    closed = False
+    pending: list[tuple[str, tuple[t.Any, ...]]] | None = None  # changes made before it was
+    token: Token[Context] | None = None  # the context it was made current in, if any
 
     def __init__(
         self,
@@ -231,11 +229,6 @@ class DeferredSpan(Span):
         self.attributes = attributes
         self.parent = parent  # a real span, another DeferredSpan, or None for a root
         self.start_ns = start_ns
-        self.span: Span | None = None  # the real span, once made
-        self.elapsed: float | None = None  # set when the call ended unexported
-        self.called: int | None = None  # a signal span's blinker.receivers.called
-        self.closed = False
-        self.pending: list[tuple[str, tuple[t.Any, ...]]] | None = None  # made on first use
 
     def made(self) -> Span:
         """The real span, made now if it was not (its parents first); ended, if the
@@ -400,8 +393,10 @@ class SlowSendSpans:
                 self.tracer, binding.span_name, binding.attributes, self.scope, time_ns()
             )
             if _VAR is not None:  # _make_current(), inlined: this runs for every receiver
-                return deferred, _VAR.set(Context({**_VAR.get(), _SPAN_KEY: deferred}))
-            return deferred, _make_current(deferred)
+                deferred.token = _VAR.set(Context({**_VAR.get(), _SPAN_KEY: deferred}))
+            else:
+                deferred.token = _make_current(deferred)
+            return deferred
         except Exception:
             internal_error("receiver span start")
             return None
@@ -412,23 +407,22 @@ class SlowSendSpans:
         """After the call: export its span if it must be, and the exemplar."""
         if entered is None:
             return
-        # enter() made it a DeferredSpan (not cast: this runs for every receiver)
-        deferred, token = entered
+        deferred: DeferredSpan = entered  # type: ignore[assignment]  # what enter() made
         try:
             if _VAR is not None:  # _restore(), inlined
-                _VAR.reset(token)
+                _VAR.reset(deferred.token)  # type: ignore[arg-type]
             else:
-                _restore(token)
+                _restore(t.cast(Token[Context], deferred.token))
             if exc is None and elapsed < self.threshold:
                 # First: a span made from now on (a late child) ends itself.
-                deferred.elapsed = elapsed  # type: ignore[attr-defined]
-                if deferred.span is None:  # type: ignore[attr-defined]  # fast, no child: none
+                deferred.elapsed = elapsed
+                if deferred.span is None:  # fast, no child: not exported
                     scope_span = self.scope.span
                     exemplar = self.exemplar if scope_span is None else exemplar_of(scope_span)
                     if exemplar is not None:
                         binding.exemplify(elapsed, exemplar)
                     return
-            exemplar = exemplar_of(t.cast(DeferredSpan, deferred).close(exc, time_ns()))
+            exemplar = exemplar_of(deferred.close(exc, time_ns()))
             if exemplar is not None:
                 binding.exemplify(elapsed, exemplar)
         except Exception:
