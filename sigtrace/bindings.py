@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import types
 import typing as t
+import weakref
 from collections.abc import Callable, Iterable
 
 from . import naming, tracing
@@ -142,6 +143,7 @@ class SignalBinding:
     __slots__ = (
         "_metrics",
         "_names",
+        "app_attributes",
         "attributes",
         "bound",
         "count_send",
@@ -180,6 +182,9 @@ class SignalBinding:
         self.bound = self.receivers.get  # the send's lookup: bound(id(receiver))
         self.span_name = f"signal {name}"
         self.attributes = {tracing.ATTR_SIGNAL_NAME: name}
+        # The signal span's attributes when the last Flask app sent it (weakly):
+        # the same dict for every send of that app, made once.
+        self.app_attributes: tuple[weakref.ref[t.Any], dict[str, t.Any]] | None = None
         # Set by the patch: the signal's class finds receivers as blinker's does.
         self.plain_receivers = False
 

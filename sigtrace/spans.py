@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import typing as t
+import weakref
 from contextvars import Token
 from time import time_ns
 
@@ -73,14 +74,20 @@ def _signal_attributes(
     settings: SpanSettings, binding: SignalBinding, sender: t.Any, kwargs: dict[str, t.Any]
 ) -> t.Mapping[str, t.Any]:
     """The signal span's attributes: the signal's, the Flask app's name, allowed kwargs."""
-    attributes = binding.attributes
     is_app = isinstance(sender, _FlaskApp)
-    if settings.record_kwargs or is_app:
-        attributes = dict(attributes)
-        if is_app:
-            attributes[tracing.ATTR_APP_NAME] = str(sender.name)
-        if settings.record_kwargs:
-            attributes.update(tracing.kwarg_attributes(settings.record_kwargs, kwargs))
+    if not settings.record_kwargs:
+        if not is_app:
+            return binding.attributes
+        cached = binding.app_attributes
+        if cached is not None and cached[0]() is sender:
+            return cached[1]  # the SDK copies attributes: one dict serves every send
+    attributes = dict(binding.attributes)
+    if is_app:
+        attributes[tracing.ATTR_APP_NAME] = str(sender.name)
+    if settings.record_kwargs:
+        attributes.update(tracing.kwarg_attributes(settings.record_kwargs, kwargs))
+    elif is_app:
+        binding.app_attributes = (weakref.ref(sender), attributes)
     return attributes
 
 
