@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
-from .options import Options
+from .options import MAX_SLOW_THRESHOLD, Options
 from .tracing import SPAN_MODES, SpanMode
 
 __all__ = ["ConfigError", "KEYS", "Settings", "load_settings"]
@@ -169,6 +169,13 @@ def _positive_seconds(value: object) -> float:
     return seconds
 
 
+def _slow_threshold(value: object) -> float:
+    seconds = _positive_seconds(value)
+    if seconds > MAX_SLOW_THRESHOLD:
+        raise TypeError(f"a positive number of seconds up to {MAX_SLOW_THRESHOLD:g}")
+    return seconds
+
+
 def _span_mode(value: object) -> str:
     if not isinstance(value, str) or value.strip().lower() not in SPAN_MODES:
         raise TypeError("one of " + ", ".join(repr(m) for m in SPAN_MODES))
@@ -190,7 +197,7 @@ KEYS: dict[str, _Key] = {
     "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route and server require"),
     "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, slow, none"),
     "SIGTRACE_SLOW_THRESHOLD": _Key(
-        _positive_seconds, 0.001, "seconds a send or receiver takes for its span under slow"
+        _slow_threshold, 0.001, "seconds a send or receiver takes for its span under slow"
     ),
     "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
     "SIGTRACE_INCLUDE_SIGNALS": _Key(_names, (), "only these signal name patterns"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing as t
 from collections.abc import Iterable
 
@@ -13,7 +12,10 @@ from opentelemetry import trace
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
 from .tracing import DEFAULT_SLOW_THRESHOLD, SPAN_MODES, SpanMode
 
-__all__ = ["Options"]
+__all__ = ["MAX_SLOW_THRESHOLD", "Options"]
+
+MAX_SLOW_THRESHOLD = 3600.0
+"""Upper bound of ``slow_threshold`` (and ``SIGTRACE_SLOW_THRESHOLD``), in seconds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +57,11 @@ class Options:
         if (
             isinstance(threshold, bool)
             or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-            or threshold <= 0
+            or not 0 < threshold <= MAX_SLOW_THRESHOLD
         ):
             raise ValueError(
-                f"slow_threshold must be a positive finite number of seconds, got {threshold!r}"
+                f"slow_threshold must be a positive number of seconds up to "
+                f"{MAX_SLOW_THRESHOLD:g}, got {threshold!r}"
             )
         object.__setattr__(self, "slow_threshold", float(threshold))
         normalise: dict[str, t.Callable[[Iterable[t.Any]], t.Any]] = {

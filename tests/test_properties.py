@@ -496,7 +496,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "SIGTRACE_OTLP_ENDPOINT": ["   ", 4317, ["http://x"]],
     "SIGTRACE_CONSOLE_SPANS": ["loud", 3],
     "SIGTRACE_PUBLISH_INTERVAL": [0, -1, "soon", True, math.inf, math.nan, None, [1]],
-    "SIGTRACE_SLOW_THRESHOLD": [0, -0.001, "fast", True, math.inf, math.nan, None, [1]],
+    "SIGTRACE_SLOW_THRESHOLD": [0, -0.001, 3601, "fast", True, math.inf, math.nan, None, [1]],
 }
 
 

@@ -417,6 +417,8 @@ def test_threshold_and_mode_are_validated() -> None:
         sigtrace.Options(spans="slow", slow_threshold=0)
     with pytest.raises(ValueError, match="slow_threshold"):
         sigtrace.Options(spans="slow", slow_threshold=float("inf"))
+    with pytest.raises(ValueError, match="up to 3600"):
+        sigtrace.Options(spans="slow", slow_threshold=3601)
     assert sigtrace.Options(spans="slow").slow_threshold == 0.001
 
 
