@@ -86,6 +86,7 @@ def per_request_table(suite: pyperf.BenchmarkSuite) -> str:
         _ratio("the same, metrics and spans", o["sigtrace-full-mp"], o["sigtrace-full"], 1.5),
         _ratio("sigtrace full / floor", o["sigtrace-full"], o["floor"], 1.25),
         _ratio("sigtrace full / otel+pfe", o["sigtrace-full"], o["otel+pfe"], None),
+        _ratio("sigtrace slow / full", o["sigtrace-slow"], o["sigtrace-full"], 0.35),
     ]  # fmt: skip
     table = _md("mode|µs/request, mean ± std|median|overhead over bare, µs", rows)
     return "\n".join([*table, "", *_md("overhead ratio|from means|from medians|target", ratios)])

@@ -119,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--raw-spans", action="store_true", help="one line per span instead of span trees"
     )
+    parser.add_argument(
+        "--spans",
+        choices=tracing.SPAN_MODES,
+        help="SIGTRACE_SPANS for the demo (default: the environment's, else all); "
+        "slow keeps the spans of slow or failing calls only",
+    )
     args = parser.parse_args(argv)
+    if args.spans is not None:
+        os.environ["SIGTRACE_SPANS"] = args.spans  # read by SigTrace in create_app()
 
     write = _printer()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log

@@ -263,7 +263,7 @@ def requests_dashboard() -> dashboard_builder.Dashboard:
         base(
             "sigtrace-requests",
             "Sigtrace / HTTP requests",
-            "Flask requests timed from request_started to request_finished, and the "
+            "Flask requests timed from the app's WSGI call to its answer, and the "
             "unhandled exceptions reported by got_request_exception.",
         )
         .with_row(dashboard_builder.Row("Overview"))

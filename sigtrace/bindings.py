@@ -1,8 +1,7 @@
 """What the traced send records, bound once per signal and per receiver.
 
 A :class:`SignalBinding` is made at a signal's first send: its label, whether
-it is recorded, its metric children, span name and attributes, and the
-request hooks of Flask's signals. Each receiver is bound once to a
+it is recorded, its metric children, span name and attributes. Each receiver is bound once to a
 :class:`ReceiverBinding` and cached by identity, so the send does one dict
 lookup per receiver and gets, in one tuple, the binding, whether the receiver
 is a coroutine function and the C method that records its duration.
@@ -17,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import types
 import typing as t
+import weakref
 from collections.abc import Callable, Iterable
 
 from . import naming, tracing
@@ -25,34 +25,11 @@ from .identity import IdentityCache
 from .metrics import CounterChild, HistogramChild, MetricSet
 
 __all__ = [
-    "RequestHooks",
     "ReceiverBinding",
     "SignalBinding",
     "exemplar_of",
     "records_signal",
 ]
-
-Hook = Callable[[t.Any, dict[str, t.Any]], None]
-
-
-class RequestHooks(t.NamedTuple):
-    """sigtrace's own code run around a signal's receivers (Flask request timing).
-
-    Hooks are not receivers: they never show in ``signal.receivers``, metrics,
-    spans or results, and run even for signals excluded from recording.
-    """
-
-    before: Hook | None = None
-    after: Hook | None = None
-
-
-def run_hook(hook: Hook | None, sender: t.Any, kwargs: dict[str, t.Any]) -> None:
-    if hook is None:
-        return
-    try:
-        hook(sender, kwargs)
-    except Exception:
-        internal_error(getattr(hook, "__qualname__", "request hook"))
 
 
 def _ignore(_value: object = None) -> None:
@@ -82,6 +59,16 @@ _count_type = type(CounterChild()._count)
 _C_METHODS = (types.BuiltinMethodType, types.MethodWrapperType)
 
 
+def _ignore_exemplar(_elapsed: float, _exemplar: dict[str, str]) -> None:
+    return None
+
+
+def _exemplifier(duration: HistogramChild | None) -> Callable[[float, dict[str, str]], None]:
+    """``exemplify(elapsed, exemplar)``: links a recorded duration to a span. It may
+    raise (a broken metric backend): the spans that call it guard it."""
+    return duration.exemplify if duration is not None else _ignore_exemplar
+
+
 def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
     """Whether the include/exclude patterns let signal ``name`` be recorded."""
     include = tuple(include)
@@ -105,7 +92,15 @@ def exemplar_of(span: t.Any) -> dict[str, str] | None:
 class ReceiverBinding:
     """What one (signal, receiver name) pair records, bound once."""
 
-    __slots__ = ("_errors", "_errors_family", "_labels", "attributes", "duration", "span_name")
+    __slots__ = (
+        "_errors",
+        "_errors_family",
+        "_labels",
+        "attributes",
+        "duration",
+        "exemplify",
+        "span_name",
+    )
 
     def __init__(self, signal: str, name: str, metrics: MetricSet | None) -> None:
         self._labels = (signal, name)
@@ -114,25 +109,16 @@ class ReceiverBinding:
         self.duration: HistogramChild | None = (
             metrics.receiver_duration.child(signal, name) if metrics else None
         )
+        self.exemplify = _exemplifier(self.duration)
         self.span_name = f"receiver {name}"
         self.attributes = {
             tracing.ATTR_SIGNAL_NAME: signal,
             tracing.CODE_FUNCTION_NAME: name,
         }
 
-    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
-        """Observe one call that returned (under a span: with its exemplar)."""
+    def count_error(self, exc: BaseException) -> None:
+        """Count one call that raised ``exc`` (its duration is recorded as any other's)."""
         try:
-            if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
-        except Exception:
-            internal_error("receiver metrics")
-
-    def failed(self, elapsed: float, exc: BaseException, exemplar: dict[str, str] | None) -> None:
-        """Observe one call that raised ``exc`` and count the exception; never raises."""
-        try:
-            if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
             if self._errors_family is not None:
                 child = self._errors.get(type(exc))
                 if child is None:
@@ -157,11 +143,12 @@ class SignalBinding:
     __slots__ = (
         "_metrics",
         "_names",
+        "app_attributes",
         "attributes",
         "bound",
         "count_send",
         "duration",
-        "hooks",
+        "exemplify",
         "name",
         "plain_receivers",
         "receivers",
@@ -175,11 +162,9 @@ class SignalBinding:
         name: str,
         recorded: bool,
         metrics: MetricSet | None,
-        hooks: RequestHooks | None,
     ) -> None:
         self.name = name
         self.recorded = recorded
-        self.hooks = hooks
         metrics = metrics if recorded else None
         self._metrics = metrics
         self.count_send: Callable[[], object] = (
@@ -191,11 +176,15 @@ class SignalBinding:
         self.record: Callable[[float], None] = (
             _safe(self.duration.record, "signal metrics") if self.duration else _ignore
         )
+        self.exemplify = _exemplifier(self.duration)
         self._names: dict[str, ReceiverBinding] = {}
         self.receivers: IdentityCache[Bound] = IdentityCache()
         self.bound = self.receivers.get  # the send's lookup: bound(id(receiver))
         self.span_name = f"signal {name}"
         self.attributes = {tracing.ATTR_SIGNAL_NAME: name}
+        # The signal span's attributes when the last Flask app sent it (weakly):
+        # the same dict for every send of that app, made once.
+        self.app_attributes: tuple[weakref.ref[t.Any], dict[str, t.Any]] | None = None
         # Set by the patch: the signal's class finds receivers as blinker's does.
         self.plain_receivers = False
 
@@ -232,15 +221,7 @@ class SignalBinding:
             self.receivers.put(key, bound)
         return bound
 
-    def observe(self, elapsed: float, exemplar: dict[str, str] | None) -> None:
-        """Observe the send's duration (under a span: with its exemplar); never raises."""
-        try:
-            if self.duration is not None:
-                self.duration.observe(elapsed, exemplar)
-        except Exception:
-            internal_error("signal metrics")
 
-
-def unrecorded(name: str, hooks: RequestHooks | None) -> SignalBinding:
+def unrecorded(name: str) -> SignalBinding:
     """A binding that records nothing (an excluded signal, or a failed binding)."""
-    return SignalBinding(name, False, None, hooks)
+    return SignalBinding(name, False, None)

@@ -10,9 +10,8 @@ senders it is connected for and, when metrics are on, its calls, p50 / p99
 latency and errors, read from this process's registry, or with
 ``PROMETHEUS_MULTIPROC_DIR`` set the totals over all workers (read through
 :class:`sigtrace.multiprocess_directory.PublishedTotalsCollector`, writing nothing there).
-sigtrace's own request hooks are not receivers (see
-:class:`sigtrace.bindings.RequestHooks`), so they never
-appear.
+sigtrace's own request timing uses Flask's hooks, not receivers, so it never
+appears.
 
 Latency quantiles are estimated from the histogram buckets exactly as
 Prometheus' ``histogram_quantile`` does: linear interpolation inside the

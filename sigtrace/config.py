@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
 from .multiprocess_publisher import MAX_INTERVAL, MIN_INTERVAL
-from .options import Options
+from .options import MAX_SLOW_THRESHOLD, Options
 from .tracing import SPAN_MODES, SpanMode
 
 __all__ = [
@@ -282,8 +282,6 @@ def _path_patterns_note(value: object) -> str | None:
     return "; ".join(notes) or None
 
 
-MAX_SLOW_THRESHOLD = 3600.0
-"""Upper bound of ``SIGTRACE_SLOW_THRESHOLD`` in seconds."""
 
 
 class _Key(t.NamedTuple):
@@ -311,7 +309,12 @@ KEYS: dict[str, _Key] = {
         _address, "127.0.0.1", "address that server binds (an IP address or host name)"
     ),
     "SIGTRACE_METRICS_TOKEN": _Key(_token, None, "bearer token the route and server require"),
-    "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, none"),
+    "SIGTRACE_SPANS": _Key(_span_mode, "all", "which spans: all, signals, receivers, slow, none"),
+    "SIGTRACE_SLOW_THRESHOLD": _Key(
+        _slow_threshold,
+        0.001,
+        "seconds a send or receiver takes to count as slow (its span under slow, the page)",
+    ),
     "SIGTRACE_ROOT_SPANS": _Key(_bool, False, "make signal spans outside any span"),
     "SIGTRACE_INCLUDE_SIGNALS": _Key(
         _names, (), "only these signal name patterns", note=_signal_patterns_note
@@ -334,9 +337,6 @@ KEYS: dict[str, _Key] = {
     ),
     "SIGTRACE_MULTIPROC_ALLOW_SHARED_DIR": _Key(
         _bool, False, "accept a multiprocess directory other users can write or own"
-    ),
-    "SIGTRACE_SLOW_THRESHOLD": _Key(
-        _slow_threshold, 0.001, "seconds above which a send counts as slow"
     ),
     "SIGTRACE_UI": _Key(_bool, False, "serve the signals page"),
     "SIGTRACE_UI_PATH": _Key(_ui_path, "/sigtrace", "route of the signals page"),
@@ -783,6 +783,7 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     metrics_token: str | None = None
     spans: str = "all"
+    slow_threshold: float = 0.001
     root_spans: bool = False
     include_signals: tuple[str, ...] = ()
     exclude_signals: tuple[str, ...] = ()
@@ -794,7 +795,6 @@ class Settings:
     console_spans: bool = False
     publish_interval: float = 1.0
     multiproc_allow_shared_dir: bool = False
-    slow_threshold: float = 0.001
     ui: bool = False
     ui_path: str = "/sigtrace"
     trace_url: str | None = None
@@ -807,6 +807,7 @@ class Settings:
             metrics=self.metrics,
             tracing_enabled=self.tracing,
             spans=t.cast(SpanMode, self.spans),
+            slow_threshold=self.slow_threshold,
             root_spans=self.root_spans,
             include=self.include_signals,
             exclude=self.exclude_signals,

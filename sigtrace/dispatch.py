@@ -28,23 +28,21 @@ from time import perf_counter
 
 from blinker import ANY, Signal
 from blinker.base import ANY_ID
-from opentelemetry.trace import Span
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from . import lifecycle, naming, tracing
-from .bindings import RequestHooks, SignalBinding, records_signal, run_hook, unrecorded
+from .bindings import SignalBinding, records_signal, unrecorded
 from .faults import internal_error
 from .identity import IdentityCache
 from .metrics import TALLIER, MetricSet, metric_set
 from .options import Options
-from .spans import SendSpans, SpanSettings
+from .spans import SendSpans, SlowSendSpans, SpanSettings
 from .version import __version__
 
 __all__ = [
     "Options",
-    "RequestHooks",
     "instrument",
     "is_instrumented",
-    "set_hooks",
     "uninstrument",
 ]
 
@@ -78,12 +76,13 @@ class Active:
         if options.tracing_enabled:  # "none": no span, but the parent's exemplar
             self.spans = SpanSettings(
                 tracing.get_tracer(options.tracer_provider),
-                options.spans in ("all", "signals"),
-                options.spans in ("all", "receivers"),
+                options.spans in ("all", "signals", "slow"),
+                options.spans in ("all", "receivers", "slow"),
                 options.root_spans,
                 options.record_kwargs,
+                options.slow_threshold if options.spans == "slow" else None,
             )
-        self.root_spans = self.spans is not None and options.root_spans
+        self.root_spans = options.root_spans
         self.signals: IdentityCache[SignalBinding] = IdentityCache()
         self.binding_of = self.signals.get  # the send's lookup: binding_of(id(signal))
         # Signals that can't be weakly referenced: bound again by name at each send.
@@ -95,7 +94,6 @@ class Active:
 
 _lock = lifecycle.ForkSafeLock(reentrant=True)  # a forked child gets a new one
 _active: Active | None = None
-_hooks: dict[int, RequestHooks] = {}  # id(signal) -> hooks; Flask's own signals only
 
 
 # --------------------------------------------------------------------------
@@ -117,63 +115,70 @@ def send(
     if active is None:  # raced with the last uninstrument(): blinker's own send
         return _blinker_send(self, sender, _async_wrapper, kwargs)
     binding = active.binding_of(id(self)) or _bind(active, self, sender)
-    hooks = binding.hooks
-    if hooks is not None:
-        run_hook(hooks.before, sender, kwargs)
+    if not binding.recorded:
+        return active.blinker_send(self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
+    binding.count_send()
+    if binding.plain_receivers and not self.receivers:
+        return []  # what blinker's own receivers_for starts with
+    results: Results = []
+    spans: SendSpans | SlowSendSpans | None = None
+    started = ended = 0.0
     try:
-        if not binding.recorded:
-            return active.blinker_send(self, sender, _async_wrapper=_async_wrapper, **kwargs)  # type: ignore[no-any-return]
-        binding.count_send()
-        if binding.plain_receivers and not self.receivers:
-            return []  # what blinker's own receivers_for starts with
-        results: Results = []
-        spans: SendSpans | None = None
-        started = ended = 0.0
-        try:
-            for receiver in self.receivers_for(sender):
-                receiver_binding, is_coroutine, record = binding.bound(
-                    id(receiver)
-                ) or binding.lookup(receiver)
-                if is_coroutine:
-                    if _async_wrapper is None:
-                        raise RuntimeError("Cannot send to a coroutine function.")
-                    call = _async_wrapper(receiver)
-                else:
-                    call = receiver
-                if not started:  # the first receiver: a send worth tracing
-                    if active.spans is not None and (
-                        active.root_spans  # tracing.recording_parent(), inlined:
-                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
-                    ):
-                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
-                    started = perf_counter()
-                if spans is None:
-                    call_started = perf_counter()
-                    try:
-                        result = call(sender, **kwargs)
-                    except BaseException as exc:
-                        receiver_binding.failed(perf_counter() - call_started, exc, None)
-                        raise
-                    ended = perf_counter()
-                    record(ended - call_started)
-                else:
-                    result = spans.call(receiver_binding, call, sender, kwargs)
-                    ended = perf_counter()
-                results.append((receiver, result))
-        except BaseException as exc:
+        for receiver in self.receivers_for(sender):
+            receiver_binding, is_coroutine, record = binding.bound(id(receiver)) or binding.lookup(
+                receiver
+            )
+            if is_coroutine:
+                if _async_wrapper is None:
+                    raise RuntimeError("Cannot send to a coroutine function.")
+                call = _async_wrapper(receiver)
+            else:
+                call = receiver
+            if not started:  # the first receiver: the one check for a recording parent
+                if active.spans is not None:
+                    parent = _current_context().get(_SPAN_KEY)
+                    if parent is not None and parent.is_recording():
+                        spans = SendSpans.open(active.spans, binding, parent, sender, kwargs)
+                    elif active.root_spans and (parent is None or parent is INVALID_SPAN):
+                        spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
+                started = perf_counter()
+            if spans is None:
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    record(perf_counter() - call_started)
+                    receiver_binding.count_error(exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+            else:  # the same, inside the receiver's span
+                entered = spans.enter(receiver_binding)
+                call_started = perf_counter()
+                try:
+                    result = call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
+                    spans.leave(receiver_binding, entered, elapsed, exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+                spans.leave(receiver_binding, entered, ended - call_started, None)
+            results.append((receiver, result))
+    except BaseException as exc:
+        if started:
+            elapsed = perf_counter() - started
+            binding.record(elapsed)
             if spans is not None:
-                spans.finish(binding, perf_counter() - started, exc)
-            elif started:
-                binding.record(perf_counter() - started)
-            raise
+                spans.finish(binding, elapsed, exc)
+        raise
+    if started:  # the signal's time: first receiver's start to last one's end
+        binding.record(ended - started)
         if spans is not None:
             spans.finish(binding, ended - started, None)
-        elif started:  # the signal's time: first receiver's start to last one's end
-            binding.record(ended - started)
-        return results
-    finally:
-        if hooks is not None:
-            run_hook(hooks.after, sender, kwargs)
+    return results
 
 
 async def send_async(
@@ -191,65 +196,72 @@ async def send_async(
     if active is None:
         return await _blinker_send_async(self, sender, _sync_wrapper, kwargs)
     binding = active.binding_of(id(self)) or _bind(active, self, sender)
-    hooks = binding.hooks
-    if hooks is not None:
-        run_hook(hooks.before, sender, kwargs)
+    if not binding.recorded:
+        return await active.blinker_send_async(  # type: ignore[no-any-return]
+            self, sender, _sync_wrapper=_sync_wrapper, **kwargs
+        )
+    binding.count_send()
+    if binding.plain_receivers and not self.receivers:
+        return []  # what blinker's own receivers_for starts with
+    results: Results = []
+    spans: SendSpans | SlowSendSpans | None = None
+    started = ended = 0.0
     try:
-        if not binding.recorded:
-            return await active.blinker_send_async(  # type: ignore[no-any-return]
-                self, sender, _sync_wrapper=_sync_wrapper, **kwargs
+        for receiver in self.receivers_for(sender):
+            receiver_binding, is_coroutine, record = binding.bound(id(receiver)) or binding.lookup(
+                receiver
             )
-        binding.count_send()
-        if binding.plain_receivers and not self.receivers:
-            return []  # what blinker's own receivers_for starts with
-        results: Results = []
-        spans: SendSpans | None = None
-        started = ended = 0.0
-        try:
-            for receiver in self.receivers_for(sender):
-                receiver_binding, is_coroutine, record = binding.bound(
-                    id(receiver)
-                ) or binding.lookup(receiver)
-                if not is_coroutine:
-                    if _sync_wrapper is None:
-                        raise RuntimeError("Cannot send to a non-coroutine function.")
-                    call = _sync_wrapper(receiver)
-                else:
-                    call = receiver
-                if not started:
-                    if active.spans is not None and (
-                        active.root_spans
-                        or ((span := _current_context().get(_SPAN_KEY)) and span.is_recording())
-                    ):
-                        spans = SendSpans.open(active.spans, binding, sender, kwargs)
-                    started = perf_counter()
-                if spans is None:
-                    call_started = perf_counter()
-                    try:
-                        result = await call(sender, **kwargs)
-                    except BaseException as exc:
-                        receiver_binding.failed(perf_counter() - call_started, exc, None)
-                        raise
-                    ended = perf_counter()
-                    record(ended - call_started)
-                else:
-                    result = await spans.await_call(receiver_binding, call, sender, kwargs)
-                    ended = perf_counter()
-                results.append((receiver, result))
-        except BaseException as exc:
+            if not is_coroutine:
+                if _sync_wrapper is None:
+                    raise RuntimeError("Cannot send to a non-coroutine function.")
+                call = _sync_wrapper(receiver)
+            else:
+                call = receiver
+            if not started:
+                if active.spans is not None:
+                    parent = _current_context().get(_SPAN_KEY)
+                    if parent is not None and parent.is_recording():
+                        spans = SendSpans.open(active.spans, binding, parent, sender, kwargs)
+                    elif active.root_spans and (parent is None or parent is INVALID_SPAN):
+                        spans = SendSpans.open(active.spans, binding, None, sender, kwargs)
+                started = perf_counter()
+            if spans is None:
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    record(perf_counter() - call_started)
+                    receiver_binding.count_error(exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+            else:  # the same, inside the receiver's span
+                entered = spans.enter(receiver_binding)
+                call_started = perf_counter()
+                try:
+                    result = await call(sender, **kwargs)
+                except BaseException as exc:
+                    elapsed = perf_counter() - call_started
+                    record(elapsed)
+                    receiver_binding.count_error(exc)
+                    spans.leave(receiver_binding, entered, elapsed, exc)
+                    raise
+                ended = perf_counter()
+                record(ended - call_started)
+                spans.leave(receiver_binding, entered, ended - call_started, None)
+            results.append((receiver, result))
+    except BaseException as exc:
+        if started:
+            elapsed = perf_counter() - started
+            binding.record(elapsed)
             if spans is not None:
-                spans.finish(binding, perf_counter() - started, exc)
-            elif started:
-                binding.record(perf_counter() - started)
-            raise
+                spans.finish(binding, elapsed, exc)
+        raise
+    if started:
+        binding.record(ended - started)
         if spans is not None:
             spans.finish(binding, ended - started, None)
-        elif started:
-            binding.record(ended - started)
-        return results
-    finally:
-        if hooks is not None:
-            run_hook(hooks.after, sender, kwargs)
+    return results
 
 
 # blinker's functions as found by the first instrument(); kept after the last
@@ -284,7 +296,6 @@ def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
         found = active.signals.get(id(signal))
         if found is not None:
             return found
-        hooks = _hooks.get(id(signal))
         if name is None:
             try:
                 name = naming.signal_name(signal, sender)
@@ -293,16 +304,15 @@ def _bind(active: Active, signal: Signal, sender: t.Any) -> SignalBinding:
                 name = naming.ANONYMOUS_SIGNAL
         plain = _plain_receivers(type(signal))
         reused = active.by_name.get(name)
-        if reused is not None and reused.hooks is hooks:
+        if reused is not None:
             binding = reused
         else:
             try:
                 recorded = records_signal(name, active.options.include, active.options.exclude)
-                binding = SignalBinding(name, recorded, active.metrics, hooks)
+                binding = SignalBinding(name, recorded, active.metrics)
             except Exception:
                 internal_error("signal binding")
-                # Unrecorded from now on, but sigtrace's request hooks keep running.
-                binding = unrecorded(name, hooks)
+                binding = unrecorded(name)  # unrecorded from now on
         try:
             if name == naming.ANONYMOUS_SIGNAL:
                 cached = active.anonymous.put(signal, (binding, weakref.WeakSet()))
@@ -426,20 +436,6 @@ def uninstrument() -> None:
 def is_instrumented() -> bool:
     """True between the first :func:`instrument` and the last :func:`uninstrument`."""
     return _active is not None
-
-
-def set_hooks(signal: Signal, hooks: RequestHooks | None) -> None:
-    """Run ``hooks`` around ``signal``'s receivers (or stop, with None)."""
-    with _lock:
-        if hooks is None:
-            _hooks.pop(id(signal), None)
-        else:
-            _hooks[id(signal)] = hooks
-        active = _active
-        if active is not None:
-            binding = active.signals.get(id(signal))
-            if binding is not None:
-                binding.hooks = hooks
 
 
 def active_metrics() -> MetricSet | None:

@@ -1,17 +1,20 @@
 """``SigTrace``: the Flask extension (config, request lifecycle, /metrics, CLI).
 
-Request timing runs as sigtrace hooks around Flask's own signals (see
-:class:`sigtrace.bindings.RequestHooks`), not as receivers, so it never shows up among
-the user's receivers and costs no receiver bookkeeping:
+Request timing uses Flask's own hooks, not signal receivers and not code in
+the traced send:
 
-* ``request_started`` (before its receivers): start the clock, and the SERVER
-  span unless a recording span is already current or
-  opentelemetry-instrumentation-flask will make one;
-* ``got_request_exception`` (before): count the exception, mark the span;
-* ``request_finished`` (after): record the request, end the span;
-* ``request_tearing_down`` (before): the fallback for requests that never
-  reached ``request_finished`` (unhandled exception with
-  ``PROPAGATE_EXCEPTIONS``): recorded once, with status 500.
+* the app's WSGI callable, wrapped (Flask's documented place for code around
+  every request): start the clock, and the SERVER span unless a recording
+  span is already current or opentelemetry-instrumentation-flask will make
+  one, current from before ``request_started`` to after
+  ``request_tearing_down``; on the way out, record the request with the
+  status the app answered (500 if the exception propagated) and end the span;
+* ``teardown_request``: the matched route and endpoint (the span's name and
+  ``http.route``), and an unhandled exception (what ``got_request_exception``
+  reports): counted, and marked on the span;
+* with a ``request_hook``, a ``url_value_preprocessor`` names the request as
+  soon as Flask has matched its URL and calls the hook; with a
+  ``response_hook``, ``after_request`` keeps the response for it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from contextvars import Token
 from time import perf_counter
 
 import flask
-from flask import signals as flask_signals
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.semconv.attributes.client_attributes import CLIENT_ADDRESS
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.http_attributes import (
@@ -43,6 +46,7 @@ from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_OR
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.http import ExcludeList
 from prometheus_client import CollectorRegistry
+from werkzeug.wsgi import get_current_url, get_path_info
 
 from . import dispatch, lifecycle, multiprocess_directory, multiprocess_publisher, tracing
 from .bindings import exemplar_of
@@ -54,6 +58,7 @@ from .config import (
     first_otel_value,
     load_settings,
 )
+from .faults import internal_error
 from .metrics import MetricSet, metric_set
 from .naming import clean_label
 from .routes import add_route, check_route
@@ -131,28 +136,49 @@ def _path_matcher(patterns: t.Iterable[str]) -> t.Callable[[str], bool]:
 class _Request:
     """One request in flight, kept in its WSGI environ."""
 
-    __slots__ = ("endpoint", "exception", "method", "span", "started", "state", "token")
+    __slots__ = (
+        "endpoint",
+        "exception",
+        "method",
+        "named",
+        "response",
+        "route",
+        "span",
+        "started",
+        "state",
+        "status",
+        "token",
+    )
 
-    def __init__(self, state: _AppState, method: str, endpoint: str) -> None:
+    def __init__(self, state: _AppState, method: str) -> None:
         self.state = state
         self.method = method
-        self.endpoint = endpoint
+        self.endpoint = UNMATCHED_ENDPOINT
+        self.named = False
         self.span: trace.Span | None = None
         self.token: Token[Context] | None = None
         self.exception: BaseException | None = None
+        self.response: t.Any = None
+        self.route: str | None = None  # the matched URL rule
+        self.status = 500  # until the app answers
         self.started = perf_counter()
 
-    def finish(self, status: int, response: t.Any = None) -> None:
+    def finish(self) -> None:
         """Record the request and end its span: called exactly once."""
         elapsed = perf_counter() - self.started
+        status = self.status
         span = self.span
         exemplar = None
         if span is not None:
             exemplar = exemplar_of(span)
             hook = self.state.ext.response_hook
-            if hook is not None and response is not None:
-                _call_hook("response_hook", hook, span, response)
-            span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+            if hook is not None and self.response is not None:
+                _call_hook("response_hook", hook, span, self.response)
+            if self.route is not None:
+                span.update_name(f"{self.method} {self.route}")
+                span.set_attributes({HTTP_ROUTE: self.route, HTTP_RESPONSE_STATUS_CODE: status})
+            else:
+                span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
             if status >= 500:
                 if self.exception is not None:
                     span.set_attribute(ERROR_TYPE, tracing.qualified_class_name(self.exception))
@@ -172,48 +198,169 @@ class _Request:
             child.observe(elapsed, exemplar)
 
 
-def _on_request_started(app: t.Any, _kwargs: dict[str, t.Any]) -> None:
-    state: _AppState | None = app.extensions.get("sigtrace")
-    if state is None:
-        return
+class _TimedWSGI:
+    """``app.wsgi_app``, timed: each request is recorded and traced around Flask's handling."""
+
+    def __init__(self, app: flask.Flask, wsgi_app: t.Callable[..., t.Any]) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, t.Any], start_response: t.Callable[..., t.Any]) -> t.Any:
+        state: _AppState | None = self.app.extensions.get("sigtrace")
+        record = None
+        if state is not None:
+            try:
+                record = _start_request(self.app, state, environ)
+            except Exception:
+                internal_error("request start")
+        if record is None:
+            return self.wsgi_app(environ, start_response)
+
+        def start(status: str, headers: t.Any, exc_info: t.Any = None) -> t.Any:
+            code = status.split(" ", 1)[0]
+            if code.isdigit():
+                record.status = int(code)
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self.wsgi_app(environ, start)
+        except BaseException as exc:  # propagated (PROPAGATE_EXCEPTIONS): answered as 500
+            record.status = 500
+            record.exception = record.exception or exc
+            _finish(record)
+            raise
+        _finish(record)
+        return result
+
+
+def _finish(record: _Request) -> None:
+    try:
+        record.finish()
+        if record.state.publisher is not None:
+            record.state.publisher.after_request()  # publishes only where no thread runs
+    except Exception:
+        internal_error("request end")
+
+
+def _start_request(app: t.Any, state: _AppState, environ: dict[str, t.Any]) -> _Request | None:
+    """The request's record and span, or None for an excluded path."""
     if state.publisher is not None:
         state.publisher.ensure_started()  # multiprocess: from this process's first request
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    if state.is_excluded(request.path) or (
-        state.url_excluded is not None and state.url_excluded(request.url)
+    path = "/" + get_path_info(environ).lstrip("/")
+    if state.is_excluded(path) or (
+        state.url_excluded is not None and state.url_excluded(get_current_url(environ))
     ):
-        return
-    method = request.method if request.method in _KNOWN_METHODS else "_OTHER"
-    rule = request.url_rule
-    endpoint = clean_label(rule.endpoint) if rule is not None else UNMATCHED_ENDPOINT
-    record = _Request(state, method, endpoint)
-    request.environ[_ENVIRON_KEY] = record
+        return None
+    method = str(environ.get("REQUEST_METHOD", "GET")).upper()
+    method = method if method in _KNOWN_METHODS else "_OTHER"
+    record = _Request(state, method)
+    environ[_ENVIRON_KEY] = record
     if state.tracer is None or tracing.recording_parent():
-        return  # no tracing, or nested under the caller's span
+        return record  # no tracing, or nested under the caller's span
     if getattr(app, "_is_instrumented_by_opentelemetry", False):
-        return  # opentelemetry-instrumentation-flask makes the server span
-    parent = state.extract(request.headers)
-    route = rule.rule if rule is not None else None
-    environ = request.environ
+        return record  # opentelemetry-instrumentation-flask makes the server span
+    parent = state.extract(environ, getter=_ENVIRON_GETTER)
     attributes: dict[str, t.Any] = {
         HTTP_REQUEST_METHOD: method,
-        URL_PATH: request.path,
-        URL_SCHEME: request.scheme,
+        URL_PATH: path,
+        URL_SCHEME: environ.get("wsgi.url_scheme", "http"),
     }
-    if route is not None:
-        attributes[HTTP_ROUTE] = route
     _add_connection_attributes(attributes, environ)
+    # Named by its route once Flask has matched the URL (_name_request).
     span = state.tracer.start_span(
-        f"{method} {route}" if route is not None else method,
-        context=parent,
-        kind=SpanKind.SERVER,
-        attributes=attributes,
+        method, context=parent, kind=SpanKind.SERVER, attributes=attributes
     )
     record.span = span
     record.token = otel_context.attach(trace.set_span_in_context(span, parent))
-    hook = state.ext.request_hook
-    if hook is not None:
-        _call_hook("request_hook", hook, span, request)
+    return record
+
+
+class _EnvironGetter(Getter[dict[str, t.Any]]):
+    """Request headers for the propagators, read from the WSGI environ.
+
+    What opentelemetry-instrumentation-wsgi's ``WSGIGetter`` does (that package
+    is not a dependency); cheaper than werkzeug's ``EnvironHeaders``, whose
+    lookups of absent headers raise and catch a ``KeyError`` each.
+    """
+
+    def get(self, carrier: dict[str, t.Any], key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return None if value is None else [value]
+
+    def keys(self, carrier: dict[str, t.Any]) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in carrier if k.startswith("HTTP_")]
+
+
+_ENVIRON_GETTER = _EnvironGetter()
+
+
+def _current() -> tuple[t.Any, _Request | None]:
+    """The request (Flask's hooks run inside one) and sigtrace's record of it."""
+    request = flask.request._get_current_object()  # type: ignore[attr-defined]
+    return request, request.environ.get(_ENVIRON_KEY)
+
+
+def _name_request(_endpoint: str | None = None, _values: t.Any = None) -> None:
+    """url_value_preprocessor, registered only for a ``request_hook``: name the request
+    as soon as Flask has matched its URL, and call the hook with its span."""
+    try:
+        request, record = _current()
+        if record is None or record.named:
+            return
+        _name(record, request)
+        span, hook = record.span, record.state.ext.request_hook
+        if span is not None and hook is not None:
+            if record.route is not None:
+                span.set_attribute(HTTP_ROUTE, record.route)
+                span.update_name(f"{record.method} {record.route}")
+            _call_hook("request_hook", hook, span, request)
+    except Exception:
+        internal_error("request naming")
+
+
+def _name(record: _Request, request: t.Any) -> None:
+    """The endpoint label and the route (set on the span when it ends)."""
+    record.named = True
+    rule = request.url_rule
+    if rule is not None:
+        record.endpoint = clean_label(rule.endpoint)
+        record.route = rule.rule
+
+
+def _keep_response(response: flask.Response) -> flask.Response:
+    """after_request: the response the user's response_hook gets."""
+    try:
+        _request, record = _current()
+        if record is not None:
+            record.response = response
+    except Exception:
+        internal_error("request response")
+    return response
+
+
+def _note_exception(exc: BaseException | None) -> None:
+    """teardown_request: the request's name (endpoint, route) and an unhandled
+    exception (the one got_request_exception reports)."""
+    try:
+        request, record = _current()
+        if record is not None:
+            if not record.named:
+                _name(record, request)
+            if exc is not None:
+                _count_exception(record, exc)
+    except Exception:
+        internal_error("request teardown")
+
+
+def _count_exception(record: _Request, exc: BaseException) -> None:
+    record.exception = exc
+    metrics = record.state.metrics
+    if metrics is not None:
+        metrics.http_exceptions.child(
+            record.method, record.endpoint, clean_label(type(exc).__name__)
+        ).inc()
+    if record.span is not None:
+        tracing.mark_error(record.span, exc)
 
 
 def _add_connection_attributes(attributes: dict[str, t.Any], environ: dict[str, t.Any]) -> None:
@@ -267,86 +414,17 @@ def _call_hook(name: str, hook: t.Callable[..., object], span: trace.Span, arg: 
             )
 
 
-def _on_request_finished(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    record = _pop_record()
-    if record is not None:
-        response = kwargs.get("response")
-        record.finish(getattr(response, "status_code", 200), response)
-        if record.state.publisher is not None:
-            record.state.publisher.after_request()  # publishes only where no thread runs
-
-
-def _on_got_request_exception(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    exception = kwargs.get("exception")
-    if not isinstance(exception, BaseException):
-        return
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    record: _Request | None = request.environ.get(_ENVIRON_KEY)
-    if record is None:
-        return
-    record.exception = exception
-    metrics = record.state.metrics
-    if metrics is not None:
-        metrics.http_exceptions.child(
-            record.method, record.endpoint, clean_label(type(exception).__name__)
-        ).inc()
-    if record.span is not None:
-        tracing.mark_error(record.span, exception)
-
-
-def _on_request_tearing_down(app: t.Any, kwargs: dict[str, t.Any]) -> None:
-    record = _pop_record()
-    if record is not None:  # request_finished never came: an unhandled exception
-        record.finish(500)
-
-
-def _pop_record() -> _Request | None:
-    if not flask.has_request_context():
-        return None
-    request = flask.request._get_current_object()  # type: ignore[attr-defined]
-    record: _Request | None = request.environ.pop(_ENVIRON_KEY, None)
-    return record
-
-
-class _RequestHookUsers:
-    """How many apps time their requests; the first installs the hooks, the last removes them."""
-
-    _SIGNALS = (
-        flask_signals.request_started,
-        flask_signals.request_finished,
-        flask_signals.got_request_exception,
-        flask_signals.request_tearing_down,
-    )
-
-    def __init__(self) -> None:
-        self.lock = lifecycle.ForkSafeLock()
-        self.users = 0
-
-    def acquire(self) -> None:
-        with self.lock:
-            self.users += 1
-            if self.users > 1:
-                return
-            hooks = dispatch.RequestHooks
-            dispatch.set_hooks(flask_signals.request_started, hooks(before=_on_request_started))
-            dispatch.set_hooks(flask_signals.request_finished, hooks(after=_on_request_finished))
-            dispatch.set_hooks(
-                flask_signals.got_request_exception, hooks(before=_on_got_request_exception)
-            )
-            dispatch.set_hooks(
-                flask_signals.request_tearing_down, hooks(before=_on_request_tearing_down)
-            )
-
-    def release(self) -> None:
-        with self.lock:
-            self.users -= 1
-            if self.users:
-                return
-            for signal in self._SIGNALS:
-                dispatch.set_hooks(signal, None)
-
-
-_request_hooks = _RequestHookUsers()
+def _time_requests(app: flask.Flask, ext: SigTrace) -> None:
+    """Wrap the app's WSGI callable and register the hooks, once per app (the
+    user's request and response hooks' only when they are given)."""
+    if not getattr(app, "_sigtrace_timed", False):
+        app.wsgi_app = _TimedWSGI(app, app.wsgi_app)  # type: ignore[method-assign]
+        app.teardown_request(_note_exception)
+        app._sigtrace_timed = True  # type: ignore[attr-defined]
+    if ext.request_hook is not None and _name_request not in app.url_value_preprocessors[None]:
+        app.url_value_preprocessor(_name_request)
+    if ext.response_hook is not None and _keep_response not in app.after_request_funcs[None]:
+        app.after_request(_keep_response)
 
 
 MetricsAuth = t.Callable[[flask.Request], bool]
@@ -456,8 +534,7 @@ class SigTrace:
             if pusher is not None:
                 state.stops.append(functools.partial(otlp_metrics.stop, pusher))
         app.extensions["sigtrace"] = state
-        _request_hooks.acquire()
-        state.stops.append(_request_hooks.release)
+        _time_requests(app, self)
         if settings.tracing and self.tracer_provider is None:
             installed = _setup_exporter(app, settings, exporters)
             sdk = tracing.sdk_component()

@@ -130,8 +130,12 @@ class HistogramChild:
         """Record ``amount``; keep ``exemplar`` as its bucket's latest."""
         self.record(amount)
         if exemplar is not None:
-            index = bisect_left(self.bounds, amount)
-            self._exemplars[index] = Exemplar(exemplar, amount, time.time())
+            self.exemplify(amount, exemplar)
+
+    def exemplify(self, amount: float, exemplar: dict[str, str]) -> None:
+        """Keep ``exemplar`` as the latest of the bucket ``amount`` (recorded apart) falls in."""
+        index = bisect_left(self.bounds, amount)
+        self._exemplars[index] = Exemplar(exemplar, amount, time.time())
 
     def tally(self) -> None:
         """Move recorded values into the bucket counts and the sum."""
@@ -342,7 +346,7 @@ class MetricSet:
         )  # fmt: skip
         self.http_duration = family(
             "sigtrace_http_request_duration_seconds",
-            "Flask requests from request_started to request_finished.",
+            "Flask requests, from the app's WSGI call to its answer.",
             ("method", "endpoint", "status"), "histogram",
         )  # fmt: skip
         self.http_exceptions = family(

@@ -10,9 +10,12 @@ import prometheus_client
 from opentelemetry import trace
 
 from .metrics import DEFAULT_BUCKETS, DEFAULT_MAX_LABEL_VALUES
-from .tracing import SPAN_MODES, SpanMode
+from .tracing import DEFAULT_SLOW_THRESHOLD, SPAN_MODES, SpanMode
 
-__all__ = ["Options"]
+__all__ = ["MAX_SLOW_THRESHOLD", "Options"]
+
+MAX_SLOW_THRESHOLD = 3600.0
+"""Upper bound of ``slow_threshold`` (and ``SIGTRACE_SLOW_THRESHOLD``), in seconds."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,9 @@ class Options:
     :param tracer_provider: where spans go; the global provider by default.
     :param metrics: record Prometheus metrics.
     :param tracing_enabled: make spans (under a recording parent span).
-    :param spans: which spans: ``all``, ``signals``, ``receivers`` or ``none``.
+    :param spans: which spans: ``all``, ``signals``, ``receivers``, ``slow`` or ``none``.
+    :param slow_threshold: under ``slow``, the seconds a send or receiver must take for
+        its span to be exported (failing ones, and those with spans under them, always are).
     :param root_spans: make spans for sends outside any span, too.
     :param include: signal-name patterns (``fnmatch``) to record; empty means all.
     :param exclude: signal-name patterns never recorded.
@@ -37,6 +42,7 @@ class Options:
     metrics: bool = True
     tracing_enabled: bool = True
     spans: SpanMode = "all"
+    slow_threshold: float = DEFAULT_SLOW_THRESHOLD
     root_spans: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -47,6 +53,17 @@ class Options:
     def __post_init__(self) -> None:
         if self.spans not in SPAN_MODES:
             raise ValueError(f"spans must be one of {SPAN_MODES}, got {self.spans!r}")
+        threshold = self.slow_threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0 < threshold <= MAX_SLOW_THRESHOLD
+        ):
+            raise ValueError(
+                f"slow_threshold must be a positive number of seconds up to "
+                f"{MAX_SLOW_THRESHOLD:g}, got {threshold!r}"
+            )
+        object.__setattr__(self, "slow_threshold", float(threshold))
         normalise: dict[str, t.Callable[[Iterable[t.Any]], t.Any]] = {
             "include": tuple,
             "exclude": tuple,

@@ -56,7 +56,8 @@ def test_pyperf_benchmarks_report_every_mode(tmp_path: Path) -> None:
     assert all(v and all(x > 0 for x in v) for v in [*sends.values(), *requests.values()])
     summary = (tmp_path / "summary.md").read_text()
     for line in ("| sigtrace metrics-only / pfe |", "| the same, multiprocess |",
-                 "| sigtrace full / floor |", "| 10, unsampled |", "load average"):  # fmt: skip
+                 "| sigtrace full / floor |", "| sigtrace slow / full |", "| 10, unsampled |",
+                 "load average"):  # fmt: skip
         assert line in summary and line in out, line
 
 
@@ -64,7 +65,9 @@ def test_server_run_serves_every_mode_without_errors(tmp_path: Path) -> None:
     _run(tmp_path, "server")
 
     result = json.loads((tmp_path / "server.json").read_text())
-    assert set(result["modes"]) == {"bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp"}
+    assert set(result["modes"]) == {
+        "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp"
+    }  # fmt: skip
     for mode, entry in result["modes"].items():
         assert entry["errors"] == 0, mode
         assert entry["median_rps"] > 0 and entry["median_cpu_us"] > 0, mode

@@ -366,3 +366,48 @@ def test_the_receiver_decodes_spans_from_the_sdk_exporters(protocol: str) -> Non
     assert by_name["outer"].attributes == {"answer": 42}
     assert by_name["outer"].resource["service.name"] == "receiver-test"
     assert by_name["outer"].kind == "INTERNAL"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_slow_spans_export_only_slow_or_failing_receivers_with_their_parents(
+    protocol: str,
+) -> None:
+    """SIGTRACE_SPANS=slow over real OTLP: the mailer (2 ms of work) is kept with its
+    signal and request spans; any other receiver span exported took the threshold
+    or failed; the failing request keeps its failing receiver's error span."""
+    threshold = 0.001
+    with exporting_app(
+        protocol,
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+        SIGTRACE_SPANS="slow",
+        SIGTRACE_SLOW_THRESHOLD=str(threshold),
+    ) as (receiver, app):
+        for user in ("alice", FAILING_USER):
+            traceparent, trace_id, remote_parent = new_traceparent()
+            status, _ = app.get(f"/signup/{user}", traceparent)
+            assert status == (200 if user == "alice" else 500)
+
+            def complete(spans: list[ReceivedSpan], trace_id: str = trace_id) -> list[ReceivedSpan]:
+                mine = [s for s in spans if s.trace_id == trace_id]
+                return mine if any(s.kind == "SERVER" for s in mine) else []
+
+            spans = receiver.wait_for(complete, ARRIVAL_TIMEOUT, what=f"trace {trace_id}")
+            by_id = {s.span_id: s for s in spans}
+            server = next(s for s in spans if s.kind == "SERVER")
+            assert server.parent_span_id == remote_parent
+            signal = next(s for s in spans if s.name == "signal user-signed-up")
+            assert signal.parent_span_id == server.span_id
+            receivers = [s for s in spans if s.name.startswith("receiver ")]
+            for span in receivers:  # no orphans, and each kept by the rule
+                assert span.parent_span_id == signal.span_id and signal.span_id in by_id
+                took = (span.end_ns - span.start_ns) / 1e9
+                assert took >= threshold or span.status == "ERROR", span.name
+            names = {s.name for s in receivers}
+            if user == "alice":
+                assert "receiver tests.apps.export_app.send_welcome_email" in names
+            else:
+                audit = by_id[
+                    next(s.span_id for s in receivers if s.name.endswith("write_audit_log"))
+                ]
+                assert audit.status == "ERROR"
+                assert [name for name, _ in audit.events] == ["exception"]

@@ -321,6 +321,57 @@ def test_user_receivers_on_flask_signals_are_measured(traced: t.Callable[..., Tr
     assert finished_span.parent.span_id == request_span.context.span_id
 
 
+def test_every_request_signal_runs_under_the_request_span(
+    traced: t.Callable[..., Traced],
+) -> None:
+    """Request timing wraps Flask's handling (the app's WSGI call, Flask's hooks): the
+    request span is current for the receivers of every request signal, first to last."""
+    app, _, spans, _ = traced()
+    current: dict[str, trace.Span] = {}
+    flask_request_signals = (
+        flask_signals.request_started,
+        flask_signals.request_finished,
+        flask_signals.request_tearing_down,
+    )
+
+    def on_signal(name: str) -> t.Callable[..., None]:
+        def receive(sender: object, **kw: object) -> None:
+            current[name] = trace.get_current_span()
+
+        return receive
+
+    receivers = {sig.name: on_signal(sig.name) for sig in flask_request_signals}
+    for sig in flask_request_signals:
+        sig.connect(receivers[sig.name], app)
+    try:
+        assert app.test_client().get("/signup/ada").status_code == 200
+    finally:
+        for sig in flask_request_signals:
+            sig.disconnect(receivers[sig.name], app)
+    (request_span,) = by_name(spans.get_finished_spans(), "GET /signup/<name>")
+    for sig in flask_request_signals:
+        (signal_span,) = by_name(spans.get_finished_spans(), f"signal {sig.name}")
+        assert signal_span.parent is not None, sig.name
+        assert signal_span.parent.span_id == request_span.context.span_id, sig.name
+        assert current[sig.name].get_span_context().trace_id == request_span.context.trace_id
+    assert sorted(current) == sorted(sig.name for sig in flask_request_signals)
+
+
+def test_a_request_signal_sent_by_hand_records_no_request(
+    traced: t.Callable[..., Traced], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No request code runs inside a send: Flask's request signals sent outside a
+    request are sends like any other (no request recorded, no sigtrace fault)."""
+    app, registry, spans, _ = traced()
+    caplog.set_level("DEBUG", logger="sigtrace")
+    flask_signals.request_started.send(app)
+    flask_signals.request_finished.send(app, response=flask.Response("x"))
+    assert series(registry, "sigtrace_http_request_duration_seconds_count") == []
+    assert sample(registry, "sigtrace_signal_sends_total", signal="request-started") == 1
+    assert [s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "sigtrace"] == []
+
+
 def test_nests_under_opentelemetry_instrumentation_flask(registry: CollectorRegistry) -> None:
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 

@@ -208,10 +208,11 @@ def test_exemplars_across_workers_in_one_openmetrics_scrape(
     workers_of_last: set[int] = set()
     family = "sigtrace_http_request_duration_seconds"
     for round_ in range(40):
-        holding = threading.Thread(target=gunicorn.get, args=("/hold/0.5",))
+        mark = tmp_path / f"holding-{round_}"
+        holding = threading.Thread(target=gunicorn.get, args=(f"/hold/0.5?mark={mark}",))
         if workers_of_last:
             holding.start()
-            time.sleep(0.1)  # accepted by then, as a rule; if not, another round
+            run_until(mark.exists, "a worker holding a request", 10)
         answered.append(gunicorn.signup(f"ex{round_}"))
         if holding.is_alive():
             holding.join()

@@ -181,3 +181,35 @@ def test_sigtrace_metrics_port_serves_the_zero_code_metrics(
         instrumentor.uninstrument()
     with pytest.raises(OSError):
         get(port, "/metrics")  # the server stopped with the instrumentation
+
+
+def _refuse(sender: t.Any, **kwargs: t.Any) -> None:
+    raise PermissionError("refused")
+
+
+def test_slow_spans_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTRACE_SPANS=slow reaches the instrumentor: a fast receiver leaves no span,
+    a failing one is exported with its signal span under the parent."""
+    from blinker import Namespace
+
+    monkeypatch.setenv("SIGTRACE_SPANS", "slow")
+    monkeypatch.setenv("SIGTRACE_SLOW_THRESHOLD", "0.5")
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumentor = BlinkerInstrumentor()
+    instrumentor.instrument(registry=CollectorRegistry(), tracer_provider=provider)
+    try:
+        quick, failing = Namespace().signal("quick"), Namespace().signal("failing")
+        quick.connect(_pong)
+        failing.connect(_refuse)
+        with provider.get_tracer("test").start_as_current_span("parent"):
+            quick.send(None)
+            with pytest.raises(PermissionError):
+                failing.send(None)
+    finally:
+        instrumentor.uninstrument()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == sorted(["parent", "signal failing", f"receiver {__name__}._refuse"])
+    refused = spans[f"receiver {__name__}._refuse"]
+    assert refused.parent is not None
+    assert refused.parent.span_id == spans["signal failing"].context.span_id

@@ -750,3 +750,25 @@ def test_receivers_called_counts_the_raising_receiver_and_not_the_ones_after(
     assert attributes["blinker.receivers.called"] == 1
     assert "blinker.receivers.count" not in attributes
     assert receiver_calls(registry, "payment-taken", ON_SIGNUP) is None
+
+
+def test_the_send_makes_its_spans_current_as_the_opentelemetry_api_does(
+    registry: CollectorRegistry, tracing: Tracing
+) -> None:
+    """sigtrace sets the current span through OpenTelemetry's ContextVar when it can:
+    a receiver sees its span as current through the public API, and the caller's
+    context is back after the send."""
+    from sigtrace import spans as spans_module
+
+    assert spans_module._VAR is not None, "the default runtime context is in use"
+    instrument(registry, tracing)
+    sig = NS.signal("tr-current")
+    seen: list[trace.Span] = []
+    sig.connect(lambda sender: seen.append(trace.get_current_span()), weak=False)
+    with tracing.parent() as parent:
+        before = otel_context.get_current()
+        sig.send(None)
+        assert otel_context.get_current() == before
+        assert trace.get_current_span() is parent
+    (receiver,) = [s for s in tracing.spans() if s.name.startswith("receiver ")]
+    assert seen[0].get_span_context().span_id == receiver.context.span_id

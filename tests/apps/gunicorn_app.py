@@ -20,7 +20,7 @@ import time
 import typing as t
 
 from blinker import Namespace
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from opentelemetry import trace
 from prometheus_client import Gauge
 
@@ -61,6 +61,10 @@ def signup(name: str) -> t.Any:
 
 @app.get("/hold/<float:seconds>")
 def hold(seconds: float) -> t.Any:
+    mark = request.args.get("mark")
+    if mark:  # tells the test this worker is now busy
+        with open(mark, "x"):
+            pass
     time.sleep(seconds)  # keeps this (sync) worker busy: the next request goes to another
     return jsonify(pid=os.getpid())
 
