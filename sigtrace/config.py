@@ -282,8 +282,6 @@ def _path_patterns_note(value: object) -> str | None:
     return "; ".join(notes) or None
 
 
-
-
 class _Key(t.NamedTuple):
     """One setting: how it is parsed, its default and what it means.
 
