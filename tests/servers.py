@@ -159,6 +159,16 @@ class Server:
         with ThreadPoolExecutor(threads) as pool:
             return [a["pid"] for a in pool.map(lambda i: self.signup(f"{prefix}{i}"), range(n))]
 
+    def load_every_worker(self, n: int, workers: int = 2, rounds: int = 10) -> list[int]:
+        """Rounds of :meth:`load` until ``workers`` processes have served one (an idle
+        sync worker may take a whole round alone under load); the pid of each."""
+        pids: list[int] = []
+        for round_ in range(rounds):
+            pids += self.load(n, prefix=f"round{round_}-")
+            if len(set(pids)) >= workers:
+                return pids
+        raise AssertionError(f"{rounds} rounds of {n} requests reached only {set(pids)}")
+
     def scrape_text(self, port: int | None = None, openmetrics: bool = False) -> str:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port or self.port}/metrics", headers=self.headers

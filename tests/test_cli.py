@@ -394,8 +394,8 @@ def test_under_multiproc_dir_it_shows_all_workers_and_writes_nothing(
 
     gunicorn = start_gunicorn(tmp_path)
     try:
-        gunicorn.load(40)
-        gunicorn.wait_for_totals(40)
+        n = len(gunicorn.load_every_worker(40))  # both workers publish their boot send
+        gunicorn.wait_for_totals(n)
         directory = gunicorn.prometheus_dir
         before = {p.name: p.read_bytes() for p in directory.iterdir()}
 
@@ -422,17 +422,17 @@ def test_under_multiproc_dir_it_shows_all_workers_and_writes_nothing(
         gunicorn.stop()
     # Quiescent now: a CLI run changes no byte and adds no file.
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
-    assert gunicorn.directory_totals() == [40] * len(TOTALS)
+    assert gunicorn.directory_totals() == [n] * len(TOTALS)
     quiet = json.loads(cli("--json"))
-    assert by_name(quiet)["gunicorn-signup"]["sends"] == 40
+    assert by_name(quiet)["gunicorn-signup"]["sends"] == n
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert json.loads(cli("--json")) == quiet  # its own sends were never added
-    assert gunicorn.directory_totals() == [40] * len(TOTALS)
+    assert gunicorn.directory_totals() == [n] * len(TOTALS)
 
     assert document["scope"] == "all-processes"
     signals = by_name(document)
-    assert signals["gunicorn-signup"]["sends"] == 40
-    assert [r["calls"] for r in signals["gunicorn-signup"]["receivers"]] == [40, 40]
+    assert signals["gunicorn-signup"]["sends"] == n
+    assert [r["calls"] for r in signals["gunicorn-signup"]["receivers"]] == [n, n]
     # Each worker imported the app once; the CLI's own import is not counted.
     assert signals["gunicorn-boot"]["sends"] == 2
     assert table.splitlines()[0] == (
