@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hmac
 import os
+import re
 import socket
 import sys
 import threading
@@ -105,12 +106,40 @@ class _ClientFiles(Collector):
 
 def negotiate(accept: str | None) -> tuple[Callable[[t.Any], bytes], str]:
     """prometheus-client's encoder and content type for an ``Accept`` header; the
-    Prometheus text format for one it cannot read (it raises on some malformed
-    ones, e.g. ``version=banana``), as for a format it does not know."""
+    Prometheus text format for one it cannot read (recent versions raise on some
+    malformed ones, e.g. ``version=banana``, older ones ignore the version), as for
+    a format it does not know."""
+    if accept and _unreadable_openmetrics_version(accept):
+        return choose_encoder("")
     try:
         return choose_encoder(accept or "")
     except Exception:
         return choose_encoder("")
+
+
+def _chosen(accept: str) -> str | None:
+    """The content type prometheus-client itself picks for ``accept`` (None: it raises)."""
+    try:
+        return choose_encoder(accept)[1]
+    except Exception:
+        return None
+
+
+_VERSION = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _unreadable_openmetrics_version(accept: str) -> bool:
+    """An OpenMetrics media range whose ``version`` is not a dotted number. Written
+    here because prometheus-client's own check differs between its versions."""
+    for media_range in accept.split(","):
+        media_type, *parameters = media_range.split(";")
+        if media_type.strip().lower() != "application/openmetrics-text":
+            continue
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "version" and not _VERSION.fullmatch(value.strip()):
+                return True
+    return False
 
 
 def render(registry: CollectorRegistry | None, accept: str) -> tuple[bytes, str]:
@@ -171,10 +200,9 @@ def _guarded_app(
             if not check(flask.Request(environ)):
                 start_response("403 Forbidden", [("Content-Type", "text/plain")])
                 return [b"forbidden\n"]
-        try:
-            choose_encoder(environ.get("HTTP_ACCEPT") or "")
-        except Exception:  # unreadable: the text format, as on the route (negotiate)
-            environ["HTTP_ACCEPT"] = ""
+        accept = environ.get("HTTP_ACCEPT") or ""
+        if _unreadable_openmetrics_version(accept) or _chosen(accept) is None:
+            environ["HTTP_ACCEPT"] = ""  # unreadable: the text format, as negotiate() says
         page = server.ui if server is not None else None
         path = environ.get("PATH_INFO", "")
         if page is not None and (path == page.path or path.startswith(page.path + "/")):

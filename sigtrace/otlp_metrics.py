@@ -107,28 +107,21 @@ def _protocol(environ: Mapping[str, str]) -> str:
 
 
 def _exporter(protocol: str, environ: Mapping[str, str]) -> t.Any:
-    """The SDK's OTLP metric exporter; it reads endpoint, headers, TLS, timeout itself."""
-    compression = (
-        environ.get("OTEL_EXPORTER_OTLP_METRICS_COMPRESSION")
-        or environ.get("OTEL_EXPORTER_OTLP_COMPRESSION", "")
-    ).strip()
+    """The SDK's OTLP metric exporter, given the settings sigtrace validated
+    (:func:`sigtrace.tracing.otlp_exporter_options`); it reads the endpoint,
+    headers and certificates itself."""
+    from .tracing import otlp_exporter_options
+
+    options = otlp_exporter_options("METRICS", protocol, None)
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        from .config import otlp_insecure
-
-        insecure = otlp_insecure("METRICS")  # a bad ..._INSECURE: by the scheme, as unset
-        if compression.lower() == "none":
-            # "none" is a valid value the gRPC exporter rejects (it knows only gzip)
-            from grpc import Compression  # type: ignore[import-untyped]
-
-            return OTLPMetricExporter(compression=Compression.NoCompression, insecure=insecure)
-        return OTLPMetricExporter(insecure=insecure)
+        return OTLPMetricExporter(**options)
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter as HTTPMetricExporter,
     )
 
-    return HTTPMetricExporter()
+    return HTTPMetricExporter(**options)
 
 
 def metrics_data(

@@ -358,44 +358,60 @@ def _batch_options() -> dict[str, t.Any]:
     }
 
 
-def _otlp_exporter(endpoint: str | None) -> t.Any:
-    """The OTLP span exporter, given every setting sigtrace validated (a bad one was
-    warned about by :func:`sigtrace.config.check_environment` and is the default here);
-    headers and certificates the exporter reads itself."""
+def otlp_exporter_options(
+    signal: t.Literal["TRACES", "METRICS"], protocol: str, endpoint: str | None
+) -> dict[str, t.Any]:
+    """Keyword arguments for the SDK's OTLP exporter of ``signal`` (``TRACES`` or
+    ``METRICS``) over ``protocol``: every setting sigtrace validated (a bad one was
+    warned about by :func:`sigtrace.config.check_environment` and is the default
+    here), passed rather than left to the exporter, which raises on some bad values
+    in some SDK versions; headers and certificates the exporter reads itself."""
     from .config import first_otel_value, otlp_insecure
 
     def setting(suffix: str) -> t.Any:
         return first_otel_value(
-            (f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
+            (f"OTEL_EXPORTER_OTLP_{signal}_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
         )
 
     compression = setting("COMPRESSION")
     options: dict[str, t.Any] = {"timeout": setting("TIMEOUT")}
-    if setting("PROTOCOL") == "grpc":
+    if endpoint:
+        options["endpoint"] = endpoint
+    if protocol == "grpc":
         from grpc import Compression  # type: ignore[import-untyped]
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        if endpoint:
-            options["endpoint"] = endpoint
-        options["insecure"] = otlp_insecure("TRACES", endpoint)
-        # passed, not left to the exporter: it knows only gzip (and raises on "none")
+        options["insecure"] = otlp_insecure(signal, endpoint)
+        # the gRPC exporter knows only gzip (and raises on "none")
         options["compression"] = {
             "gzip": Compression.Gzip,
             "deflate": Compression.Deflate,
             "none": Compression.NoCompression,
         }[compression]
-        return OTLPSpanExporter(**options)
-    from opentelemetry.exporter.otlp.proto.http import Compression as HTTPCompression
+    else:
+        from opentelemetry.exporter.otlp.proto.http import Compression as HTTPCompression
+
+        options["compression"] = HTTPCompression(compression)
+    return options
+
+
+def _otlp_exporter(endpoint: str | None) -> t.Any:
+    """The OTLP span exporter (see :func:`otlp_exporter_options`)."""
+    from .config import first_otel_value
+
+    protocol = first_otel_value(
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(**otlp_exporter_options("TRACES", "grpc", endpoint))
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HTTPSpanExporter,
     )
 
-    options["compression"] = HTTPCompression(compression)
-    if endpoint:
-        if not endpoint.rstrip("/").endswith("/v1/traces"):
-            endpoint = endpoint.rstrip("/") + "/v1/traces"
-        options["endpoint"] = endpoint
-    return HTTPSpanExporter(**options)
+    if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return HTTPSpanExporter(**otlp_exporter_options("TRACES", protocol, endpoint))
 
 
 def _console_exporter() -> t.Any:
