@@ -77,16 +77,28 @@ def records_signal(name: str, include: Iterable[str], exclude: Iterable[str]) ->
     return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
+# The last span asked for and its exemplar: a request's span is asked twice, by the
+# sends under it and when it ends. A span's context never changes, and holding the
+# span keeps its identity from being reused, so the pair stays right.
+_last_exemplar: tuple[t.Any, dict[str, str] | None] = (None, None)
+
+
 def exemplar_of(span: t.Any) -> dict[str, str] | None:
     """The exemplar labels for observations under ``span``: its trace and span ids, if sampled
     (OpenMetrics' and OpenTelemetry's usual labels; OTLP carries them in its own fields)."""
+    global _last_exemplar
+    last = _last_exemplar
+    if last[0] is span:
+        return last[1]
     context = span.get_span_context()
+    exemplar = None
     if context.trace_flags.sampled:
-        return {
+        exemplar = {
             "trace_id": format(context.trace_id, "032x"),
             "span_id": format(context.span_id, "016x"),
         }
-    return None
+    _last_exemplar = (span, exemplar)
+    return exemplar
 
 
 class ReceiverBinding:

@@ -9,9 +9,15 @@ the traced send:
   one, current from before ``request_started`` to after
   ``request_tearing_down``; on the way out, record the request with the
   status the app answered (500 if the exception propagated) and end the span;
-* ``teardown_request``: the matched route and endpoint (the span's name and
-  ``http.route``), and an unhandled exception (what ``got_request_exception``
-  reports): counted, and marked on the span;
+* the app's ``handle_exception``, wrapped (Flask calls it only for an
+  unhandled exception, the one ``got_request_exception`` reports): the
+  exception counted, and marked on the span; an exception that is not an
+  ``Exception`` is counted as it propagates out of the WSGI callable;
+* the ``start_response`` the app calls (the request context is still pushed
+  then): the matched route and endpoint (the span's name and
+  ``http.route``). Not a ``teardown_request`` hook, whose dispatch by Flask
+  (``ensure_sync`` at every call) costs more per request than the rest of
+  metrics-only timing together;
 * with a ``request_hook``, a ``url_value_preprocessor`` names the request as
   soon as Flask has matched its URL and calls the hook; with a
   ``response_hook``, ``after_request`` keeps the response for it.
@@ -220,17 +226,37 @@ class _TimedWSGI:
             code = status.split(" ", 1)[0]
             if code.isdigit():
                 record.status = int(code)
+            if not record.named:
+                _name_answered(record)
             return start_response(status, headers, exc_info)
 
         try:
             result = self.wsgi_app(environ, start)
         except BaseException as exc:  # propagated (PROPAGATE_EXCEPTIONS): answered as 500
             record.status = 500
+            if record.exception is None and not isinstance(exc, Exception):
+                _count_propagated(record, exc)  # KeyboardInterrupt, SystemExit: unseen by Flask
             record.exception = record.exception or exc
             _finish(record)
             raise
         _finish(record)
         return result
+
+
+def _name_answered(record: _Request) -> None:
+    """The request's name, from the request Flask is answering."""
+    try:
+        if flask.has_request_context():  # else a middleware called start_response late
+            _name(record, flask.request._get_current_object())  # type: ignore[attr-defined]
+    except Exception:
+        internal_error("request naming")
+
+
+def _count_propagated(record: _Request, exc: BaseException) -> None:
+    try:
+        _count_exception(record, exc)
+    except Exception:
+        internal_error("request exception")
 
 
 def _finish(record: _Request) -> None:
@@ -338,18 +364,28 @@ def _keep_response(response: flask.Response) -> flask.Response:
     return response
 
 
-def _note_exception(exc: BaseException | None) -> None:
-    """teardown_request: the request's name (endpoint, route) and an unhandled
-    exception (the one got_request_exception reports)."""
+def _note_exception(app: flask.Flask, exc: Exception) -> None:
+    """From ``handle_exception``: the request's name (endpoint, route) and its unhandled
+    exception (the one got_request_exception reports), unless the app ignores it."""
     try:
         request, record = _current()
-        if record is not None:
+        if record is not None and record.exception is None and not app.should_ignore_error(exc):
             if not record.named:
                 _name(record, request)
-            if exc is not None:
-                _count_exception(record, exc)
+            _count_exception(record, exc)
     except Exception:
-        internal_error("request teardown")
+        internal_error("request exception")
+
+
+def _wrap_handle_exception(app: flask.Flask) -> None:
+    handle = app.handle_exception
+
+    @functools.wraps(handle)
+    def handle_exception(e: Exception) -> t.Any:
+        _note_exception(app, e)
+        return handle(e)
+
+    app.handle_exception = handle_exception  # type: ignore[method-assign]
 
 
 def _count_exception(record: _Request, exc: BaseException) -> None:
@@ -415,11 +451,11 @@ def _call_hook(name: str, hook: t.Callable[..., object], span: trace.Span, arg: 
 
 
 def _time_requests(app: flask.Flask, ext: SigTrace) -> None:
-    """Wrap the app's WSGI callable and register the hooks, once per app (the
-    user's request and response hooks' only when they are given)."""
+    """Wrap the app's WSGI callable and ``handle_exception``, once per app, and register
+    the hooks the user's request and response hooks need, when they are given."""
     if not getattr(app, "_sigtrace_timed", False):
         app.wsgi_app = _TimedWSGI(app, app.wsgi_app)  # type: ignore[method-assign]
-        app.teardown_request(_note_exception)
+        _wrap_handle_exception(app)
         app._sigtrace_timed = True  # type: ignore[attr-defined]
     if ext.request_hook is not None and _name_request not in app.url_value_preprocessors[None]:
         app.url_value_preprocessor(_name_request)

@@ -123,7 +123,9 @@ class HistogramChild:
         self.record: t.Callable[[float], None] = self._pending.append
         self._counts = [0] * len(bounds)
         self._sum = 0.0
-        self._exemplars: list[Exemplar | None] = [None] * len(bounds)
+        # Kept as plain tuples, made Exemplars when read: a NamedTuple's Python-level
+        # __new__ would cost each observation with an exemplar more than the rest.
+        self._exemplars: list[tuple[dict[str, str], float, float] | None] = [None] * len(bounds)
         self._lock = threading.Lock()
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
@@ -135,7 +137,7 @@ class HistogramChild:
     def exemplify(self, amount: float, exemplar: dict[str, str]) -> None:
         """Keep ``exemplar`` as the latest of the bucket ``amount`` (recorded apart) falls in."""
         index = bisect_left(self.bounds, amount)
-        self._exemplars[index] = Exemplar(exemplar, amount, time.time())
+        self._exemplars[index] = (exemplar, amount, time.time())
 
     def tally(self) -> None:
         """Move recorded values into the bucket counts and the sum."""
@@ -163,9 +165,8 @@ class HistogramChild:
         with self._lock:
             if not any(self._counts):
                 return None
-            return HistogramValue(
-                [float(c) for c in self._counts], self._sum, list(self._exemplars)
-            )
+            exemplars = [None if e is None else Exemplar(*e) for e in self._exemplars]
+            return HistogramValue([float(c) for c in self._counts], self._sum, exemplars)
 
     def reset(self) -> None:
         with self._lock:
