@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import threading
 import time
 import typing as t
 import weakref
@@ -209,7 +208,7 @@ def _error_of(span: ReadableSpan) -> str | None:
 
 # One processor per tracer provider (the SDK cannot remove a processor).
 _processors: weakref.WeakKeyDictionary[t.Any, SlowSends] = weakref.WeakKeyDictionary()
-_processors_lock = threading.Lock()
+_processors_lock = lifecycle.ForkSafeLock()  # a forked child gets a new one
 
 
 def slow_sends(provider: t.Any, threshold: float) -> SlowSends | None:
@@ -363,7 +362,7 @@ class Dashboard:
         self.trace_url = trace_url
         self._sends = slow_sends(tracer_provider, slow_threshold) if tracing_enabled else None
         self._inventory: tuple[float, list[t.Any]] | None = None
-        self._lock = threading.Lock()
+        self._lock = lifecycle.ForkSafeLock()  # a page request may hold it at a fork
 
     def respond(self, subpath: str, script_root: str) -> tuple[int, bytes, list[tuple[str, str]]]:
         """``(status, body, headers)`` for ``subpath`` below the page's path (``""``:
