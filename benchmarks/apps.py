@@ -29,6 +29,7 @@ MODES: dict[str, str] = {  # per-request modes, in table order; -mp: multiproces
     "sigtrace-metrics-mp": "the same, multiprocess (`PROMETHEUS_MULTIPROC_DIR` set)",
     "sigtrace-full": "`SigTrace(app)`, metrics and spans (request, signal, 3 receivers)",
     "sigtrace-full-mp": "the same, multiprocess",
+    "sigtrace-none": "`SIGTRACE_SPANS=none`: the request span only, whatever the receivers",
     "sigtrace-slow": "`SIGTRACE_SPANS=slow`: receivers all fast, so the request span only",
     "sigtrace-slow-mp": "the same, multiprocess",
 }
@@ -163,13 +164,15 @@ def build(mode: str) -> Mode:
         atexit.register(shutil.rmtree, path, True)
     if mode == "floor":
         return _floor()
-    spans, tracing = None, mode.startswith(("sigtrace-full", "sigtrace-slow"))
+    spans, tracing = None, mode.startswith(("sigtrace-full", "sigtrace-slow", "sigtrace-none"))
     if tracing or mode.startswith("otel"):  # spans per request: sigtrace-full's five, or one
         spans = (*tracer_provider(), 5 if mode.startswith("sigtrace-full") else 1)
     config: dict[str, t.Any] = {"SIGTRACE_TRACING": tracing}
     if "slow" in mode:  # its receivers do nothing: measured, the path of calls under the
         # threshold, with a threshold (1 s) that a descheduled worker never reaches either
         config.update(SIGTRACE_SPANS="slow", SIGTRACE_SLOW_THRESHOLD=1.0)
+    elif "none" in mode:
+        config.update(SIGTRACE_SPANS="none")
     app, samples = signup_app(config=config), {}
     if mode.startswith("pfe") or mode == "otel+pfe":
         samples = _PFE

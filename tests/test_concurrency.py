@@ -34,7 +34,6 @@ TASKS = 200
 pytestmark = pytest.mark.usefixtures("clean_otel_context", "frequent_thread_switches")
 
 
-
 class Spans:
     """Finished spans by id, with the walk up to a span's root."""
 

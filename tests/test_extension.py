@@ -535,3 +535,59 @@ def test_environment_values_are_read(
     client = app.test_client()
     assert client.get("/internal/metrics").status_code == 200
     assert client.get("/metrics").status_code == 404
+
+
+def comparable(context: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
+    """A context's entries, spans by their SpanContext (spans compare by identity)."""
+    return {k: v.get_span_context() if isinstance(v, trace.Span) else v for k, v in context.items()}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"HTTP_TRACEPARENT": f"00-{'ab' * 16}-{'cd' * 8}-01"},
+        {"HTTP_TRACEPARENT": ""},
+        {"HTTP_BAGGAGE": "user=alice"},
+        {"HTTP_TRACESTATE": "k=v"},  # without a traceparent: nothing to extract
+    ],
+    ids=["none", "traceparent", "empty-traceparent", "baggage", "tracestate-only"],
+)
+@pytest.mark.parametrize("order", ["tracecontext,baggage", "baggage,tracecontext", "tracecontext"])
+def test_the_parent_context_is_what_the_propagators_extract(
+    headers: dict[str, str], order: str, monkeypatch: pytest.MonkeyPatch, clean_otel_context: None
+) -> None:
+    """The request's parent context, read without the propagators when they would find
+    nothing, is what ``propagate.extract`` returns, whichever propagators are set."""
+    from opentelemetry import baggage, propagate
+    from opentelemetry import context as otel_context
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from sigtrace import extension
+
+    chosen = {"tracecontext": TraceContextTextMapPropagator(), "baggage": W3CBaggagePropagator()}
+    monkeypatch.setattr(
+        propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([chosen[n] for n in order.split(",")])
+    )
+    calls: list[object] = []
+
+    def extract(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        calls.append(args)
+        return propagate.extract(*args, **kwargs)
+
+    state = t.cast(t.Any, type("State", (), {}))()
+    state.extract, state.textmap = extract, propagate.get_global_textmap
+    environ = {"REQUEST_METHOD": "GET", "HTTP_HOST": "example", **headers}
+    token = otel_context.attach(baggage.set_baggage("outer", "1"))  # what a bad order keeps
+    try:
+        found = extension._parent_context(state, environ)
+        expected = propagate.extract(environ, getter=extension._ENVIRON_GETTER)
+        assert comparable(found) == comparable(expected)
+    finally:
+        otel_context.detach(token)
+    skipped = order == "tracecontext,baggage" and not {"HTTP_TRACEPARENT", "HTTP_BAGGAGE"} & set(
+        headers
+    )
+    assert bool(calls) is not skipped
