@@ -7,7 +7,7 @@ PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit docs bench bench-quick dashboards screenshot clean
+.PHONY: demo test lint typecheck unit docs bench bench-quick bench-instructions dashboards screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.run --quick
+
+## Instructions per request under valgrind's callgrind (Debian: valgrind): steady figures.
+bench-instructions: $(STAMP)
+	$(BIN)/python -m benchmarks.instructions
 
 ## Regenerate the Grafana dashboards from grafana/generate.py.
 dashboards: $(STAMP)

@@ -30,6 +30,7 @@ MODES: dict[str, str] = {  # per-request modes, in table order; -mp: multiproces
     "sigtrace-full": "`SigTrace(app)`, metrics and spans (request, signal, 3 receivers)",
     "sigtrace-full-mp": "the same, multiprocess",
     "sigtrace-none": "`SIGTRACE_SPANS=none`: the request span only, whatever the receivers",
+    "sigtrace-none-mp": "the same, multiprocess",
     "sigtrace-slow": "`SIGTRACE_SPANS=slow`: receivers all fast, so the request span only",
     "sigtrace-slow-mp": "the same, multiprocess",
 }

@@ -22,7 +22,10 @@ import psutil  # type: ignore[import-untyped]
 
 from . import apps
 
-MODES = ("bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp")
+MODES = (
+    "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp",
+    "sigtrace-none-mp",
+)  # fmt: skip
 CONNECTIONS = 8
 _OPEN = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never a proxy
 

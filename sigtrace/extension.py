@@ -314,7 +314,7 @@ def _start_request(app: t.Any, state: _AppState, environ: dict[str, t.Any]) -> _
     # Named by its route once Flask has matched the URL (_name_request).
     span = server_span.start_span(state.tracer, method, parent, attributes)
     record.span = span
-    record.token = otel_context.attach(trace.set_span_in_context(span, parent))
+    record.token = tracing.attach(trace.set_span_in_context(span, parent))
     return record
 
 

@@ -46,7 +46,7 @@ _sdk_log = logging.getLogger(sdk_trace.__name__)  # the SDK's own warnings, on i
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", None)  # newer than 1.40: set as they set it
+_RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", None)  # not in 1.40: set as newer do
 _UNSET = Status(StatusCode.UNSET)
 _new = object.__new__
 

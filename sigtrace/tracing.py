@@ -33,6 +33,7 @@ __all__ = [
     "SpanMode",
     "get_tracer",
     "CONTEXT_VAR",
+    "attach",
     "current_context",
     "mark_error",
     "recording_parent",
@@ -96,6 +97,12 @@ def _context_getter() -> t.Callable[[], Context]:
 
 
 current_context = _context_getter()
+
+attach: t.Callable[[Context], contextvars.Token[Context]] = (
+    CONTEXT_VAR.set if CONTEXT_VAR is not None else otel_context.attach
+)
+"""``opentelemetry.context.attach``, straight through the ContextVar when it can (its
+token is one ``opentelemetry.context.detach`` takes)."""
 
 
 def recording_parent() -> bool:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pyperf  # type: ignore[import-untyped]
 
-from benchmarks import apps, per_send
+from benchmarks import apps, instructions, per_send
+from tests.conftest import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,10 +67,19 @@ def test_server_run_serves_every_mode_without_errors(tmp_path: Path) -> None:
 
     result = json.loads((tmp_path / "server.json").read_text())
     assert set(result["modes"]) == {
-        "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp"
+        "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp",
+        "sigtrace-none-mp",
     }  # fmt: skip
     for mode, entry in result["modes"].items():
         assert entry["errors"] == 0, mode
         assert entry["median_rps"] > 0 and entry["median_cpu_us"] > 0, mode
         if mode != "bare":  # both workers' requests, summed from the multiprocess files
             assert entry["counted_by_metrics"] >= entry["requests"] > 0, mode
+
+
+def test_instruction_counts_per_request_under_callgrind() -> None:
+    """``benchmarks.instructions`` counts a request's instructions under valgrind: the
+    difference of two runs (1 and 3 requests after the same warm-up), of a plausible
+    size for one request to bare Flask (hundreds of thousands)."""
+    require_tool("valgrind", "valgrind")
+    assert 100_000 < instructions.per_request("bare", 1, 3) < 2_000_000
