@@ -43,7 +43,6 @@ from .faults import internal_error
 
 __all__ = ["ServerSpan", "start_span"]
 
-log = logging.getLogger("sigtrace")
 _sdk_log = logging.getLogger(sdk_trace.__name__)  # the SDK's own warnings, on its logger
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
