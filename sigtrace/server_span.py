@@ -9,16 +9,17 @@ one, locks), against about 10 µs here.
 
 What this module makes is the SDK's own span class (:class:`ServerSpan`
 subclasses ``opentelemetry.sdk.trace.Span``: processors and exporters get what
-they always get, and every Span method is the SDK's but the attribute setters,
-the lazy event and link lists and a step before ``end``), with the decisions
-``Tracer.start_span`` makes (its sampler, its id generator, the trace flags,
-the processors' ``on_start``) taken as the SDK takes them. It differs in what
-it does not redo: sigtrace's own attributes, strings and integers it built
-itself, are kept as they are unless span limits are set (then, and for any
-attribute other code sets, the SDK's ``BoundedAttributes`` cleans and bounds
-them when the span ends, as it would have when they were set). Any other
-tracer (not the SDK's, a subclass of it, a disabled one) gets
-``tracer.start_span``, and so does a fault in this module.
+they always get, and every Span method is the SDK's but the lazy event and
+link lists and a step before ``end``; the SDK's attribute setters write into a
+dict that notes them), with the decisions ``Tracer.start_span`` makes (its
+sampler, its id generator, the trace flags, the processors' ``on_start``)
+taken as the SDK takes them. It differs in what it does not redo: sigtrace's
+own attributes, strings and integers it built itself, are kept as they are
+unless span limits are set (then, and for any attribute other code sets, the
+SDK's ``BoundedAttributes`` cleans and bounds them when the span ends, as it
+would have when they were set). Any other tracer (not the SDK's, a subclass of
+it, a disabled one) gets ``tracer.start_span``, and so does a fault in this
+module.
 
 Hand-written because OpenTelemetry offers no cheaper way to start a span.
 It reads fields of the SDK's ``Tracer`` and ``Span``, so ``tests/test_server_span.py``
@@ -129,22 +130,6 @@ class ServerSpan(sdk_trace.Span):
                 self._links.append(link)
                 return
         _sdk_log.warning("Tried calling %s on an ended span.", "_add_link")
-
-    def set_attribute(self, key: str, value: t.Any) -> None:
-        with self._lock:
-            if self._end_time is not None:
-                _sdk_log.warning("Setting attribute on ended span.")
-                return
-            t.cast(dict[str, t.Any], self._attributes)[key] = value
-
-    def set_attributes(self, attributes: t.Mapping[str, t.Any]) -> None:
-        with self._lock:
-            if self._end_time is not None:
-                _sdk_log.warning("Setting attribute on ended span.")
-                return
-            own = t.cast(dict[str, t.Any], self._attributes)
-            for key, value in attributes.items():
-                own[key] = value
 
     def set_own_attributes(
         self, attributes: t.Mapping[str, t.Any], name: str | None = None
