@@ -58,7 +58,7 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser("python -m benchmarks.instructions", description=__doc__)
     parser.add_argument("modes", nargs="*", default=DEFAULT_MODES, help="modes of benchmarks.apps")
     parser.add_argument("--short", type=int, default=100, help="requests of the short run")
-    parser.add_argument("--long", type=int, default=1100, help="requests of the long run")
+    parser.add_argument("--long", type=int, default=2100, help="requests of the long run")
     parser.add_argument("--requests", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.requests:
