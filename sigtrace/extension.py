@@ -211,7 +211,10 @@ class _Request:
                     span.update_name(name)
                 span.set_attributes(own)
             if self.token is not None:
-                otel_context.detach(self.token)
+                try:
+                    tracing.reset(self.token)
+                except Exception:  # a token of another context: logged as OpenTelemetry does
+                    otel_context.detach(self.token)
             span.end()
         # Last: a failing metric backend must not leave the span open and attached.
         metrics = self.state.metrics
@@ -314,7 +317,8 @@ def _start_request(app: t.Any, state: _AppState, environ: dict[str, t.Any]) -> _
     # Named by its route once Flask has matched the URL (_name_request).
     span = server_span.start_span(state.tracer, method, parent, attributes)
     record.span = span
-    record.token = tracing.attach(trace.set_span_in_context(span, parent))
+    # trace.set_span_in_context(span, parent), without its calls
+    record.token = tracing.attach(Context({**parent, tracing.SPAN_KEY: span}))
     return record
 
 

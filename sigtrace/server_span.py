@@ -38,9 +38,11 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .faults import internal_error
+from .tracing import SPAN_KEY as _SPAN_KEY
 
 __all__ = ["ServerSpan", "start_span"]
 
@@ -51,6 +53,7 @@ _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _RANDOM_TRACE_ID = getattr(TraceFlags, "RANDOM_TRACE_ID", None)  # not in 1.40: set as newer do
 _UNSET = Status(StatusCode.UNSET)
 _new = object.__new__
+_RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
 
 
 class _Attributes(dict):  # type: ignore[type-arg]
@@ -190,18 +193,40 @@ def start_span(
     return tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
 
 
+def _samples_roots(sampler: t.Any) -> bool:
+    """Whether ``sampler`` is the SDK's default (``ParentBased(ALWAYS_ON)``) or ``ALWAYS_ON``
+    itself, exactly: a sampler that records and samples every root span, adding nothing.
+    Checked at each request (a few reads), so that a sampler changed since is obeyed."""
+    if type(sampler) is ParentBased:
+        sampler = sampler._root
+    return type(sampler) is StaticSampler and sampler._decision is _RECORD_AND_SAMPLE
+
+
 def _start(
     tracer: sdk_trace.Tracer, name: str, parent: Context, attributes: dict[str, t.Any]
 ) -> trace.Span:
     # Tracer.start_span's decisions, in its order.
-    parent_context: SpanContext | None = trace.get_current_span(parent).get_span_context()
+    parent_span: t.Any = parent.get(_SPAN_KEY)  # trace.get_current_span(parent), inlined
+    parent_context: SpanContext | None = (
+        None if parent_span is None else parent_span.get_span_context()
+    )
     if parent_context is None or not parent_context.is_valid:
         parent_context = None
         trace_id = tracer.id_generator.generate_trace_id()
     else:
         trace_id = parent_context.trace_id
-    result = tracer.sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, attributes, ())
-    flags = _SAMPLED if result.decision.is_sampled() else _UNSAMPLED  # type: ignore[no-untyped-call]
+    sampler = tracer.sampler
+    if parent_context is None and _samples_roots(sampler):
+        # What the sampler would answer: RECORD_AND_SAMPLE, the attributes it was
+        # given, no trace state (a root has no parent's to carry).
+        given: t.Mapping[str, t.Any] | None = attributes
+        sampled, recording, trace_state = True, True, None
+    else:
+        result = sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, attributes, ())
+        decision = result.decision
+        sampled, recording = decision.is_sampled(), decision.is_recording()  # type: ignore[no-untyped-call]
+        given, trace_state = result.attributes, result.trace_state
+    flags = _SAMPLED if sampled else _UNSAMPLED
     if _RANDOM_TRACE_ID is not None:
         # typed as Any: OpenTelemetry 1.40, the lowest supported, has neither
         ids: t.Any = tracer.id_generator
@@ -214,12 +239,14 @@ def _start(
         tracer.id_generator.generate_span_id(),
         is_remote=False,
         trace_flags=flags,
-        trace_state=result.trace_state,
+        trace_state=trace_state,
     )
-    record_end_metrics = tracer._tracer_metrics.start_span(parent_context, result.decision)
-    if not result.decision.is_recording():  # type: ignore[no-untyped-call]
+    record_end_metrics = tracer._tracer_metrics.start_span(
+        parent_context, _RECORD_AND_SAMPLE if sampled else decision
+    )
+    if not recording:
         return trace.NonRecordingSpan(context)
-    given = result.attributes  # what the SDK's span starts with: the sampler's
+    # what the SDK's span starts with: the sampler's attributes
     span: ServerSpan = _new(ServerSpan)  # not through the SDK's Span.__new__ (Python-level)
     span._setup(
         tracer,

@@ -34,6 +34,7 @@ __all__ = [
     "get_tracer",
     "CONTEXT_VAR",
     "attach",
+    "reset",
     "current_context",
     "mark_error",
     "recording_parent",
@@ -103,6 +104,13 @@ attach: t.Callable[[Context], contextvars.Token[Context]] = (
 )
 """``opentelemetry.context.attach``, straight through the ContextVar when it can (its
 token is one ``opentelemetry.context.detach`` takes)."""
+
+reset: t.Callable[[contextvars.Token[Context]], None] = (
+    CONTEXT_VAR.reset if CONTEXT_VAR is not None else otel_context.detach
+)
+"""``opentelemetry.context.detach``, straight through the ContextVar when it can; unlike
+``detach`` it raises what the ContextVar raises (a token of another context): catch it
+and call ``detach``, which logs it as OpenTelemetry does."""
 
 
 def recording_parent() -> bool:

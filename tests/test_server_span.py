@@ -19,10 +19,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
+    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
+    StaticSampler,
     TraceIdRatioBased,
 )
 from opentelemetry.trace import (
@@ -198,6 +200,69 @@ def test_under_a_local_parent_of_another_provider() -> None:
 def test_each_sampler_decides_as_for_the_sdk(sampler: Sampler) -> None:
     for _ in range(8):  # the ratio sampler's decision depends on the (counted) trace id
         assert_same(sampler=sampler)
+
+
+class MarkingParentBased(ParentBased):
+    """The SDK's default sampler, subclassed to mark what it samples."""
+
+    def should_sample(self, *args: t.Any, **kwargs: t.Any) -> SamplingResult:
+        result = super().should_sample(*args, **kwargs)
+        attributes = {**(result.attributes or {}), "marked": True}
+        return SamplingResult(result.decision, attributes, result.trace_state)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        None,
+        ALWAYS_ON,
+        ParentBased(ALWAYS_ON),
+        ParentBased(ALWAYS_OFF),
+        MarkingParentBased(ALWAYS_ON),
+    ],
+    ids=["default", "always-on", "parent-on", "parent-off", "parent-on-subclass"],
+)
+@pytest.mark.parametrize("parent", ["root", "sampled", "unsampled"])
+def test_samplers_that_look_like_the_default_decide_as_for_the_sdk(
+    sampler: Sampler | None, parent: str
+) -> None:
+    context = None if parent == "root" else remote(parent == "sampled")
+    kwargs: dict[str, t.Any] = {} if sampler is None else {"sampler": sampler}
+    span = assert_same(parent=context, **kwargs)
+    if isinstance(sampler, MarkingParentBased) and span is not None:
+        assert span.attributes is not None and span.attributes["marked"] is True
+
+
+def test_the_default_sampler_answers_a_root_without_being_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the default sampler answers for a root span is known: it is not asked (the
+    answer, as exported, is compared with the SDK's above). For a span with a parent,
+    or any other sampler, it is."""
+    calls: list[str] = []
+    for kind in (ParentBased, StaticSampler, TraceIdRatioBased):
+        asked = kind.should_sample
+
+        def counted(self: Sampler, *args: t.Any, _asked: t.Any = asked, **kw: t.Any) -> t.Any:
+            calls.append(type(self).__name__)
+            return _asked(self, *args, **kw)
+
+        monkeypatch.setattr(kind, "should_sample", counted)
+    for sampler, parent, expected, exports in [
+        (None, None, [], 1),
+        (ALWAYS_ON, None, [], 1),
+        (None, remote(True), ["ParentBased", "StaticSampler"], 1),
+        (ParentBased(TraceIdRatioBased(1.0)), None, ["ParentBased", "TraceIdRatioBased"], 1),
+        (ParentBased(ALWAYS_OFF), None, ["ParentBased", "StaticSampler"], 0),
+    ]:
+        calls.clear()
+        prov, exporter = provider(**({} if sampler is None else {"sampler": sampler}))
+        span = server_span.start_span(
+            prov.get_tracer("sigtrace"), "GET", parent or Context(), dict(ATTRIBUTES)
+        )
+        span.end()
+        assert calls == expected, (sampler, parent)
+        assert len(exporter.get_finished_spans()) == exports
 
 
 def test_span_limits_apply() -> None:
