@@ -15,6 +15,7 @@ elif os.environ["BENCH_MODE"].startswith("pfe"):  # as prometheus-flask-exporter
 
 
 bind = os.environ["BENCH_BIND"]
-workers, worker_class = 2, "sync"
+workers, worker_class = int(os.environ.get("BENCH_WORKERS", "2")), "sync"
+timeout = 30 if workers > 1 else 600  # one worker: counted under valgrind, 50 times slower
 loglevel, graceful_timeout = "warning", 3
 control_socket_disable = True  # gunicorn >= 27: no shared control socket in $HOME

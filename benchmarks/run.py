@@ -104,14 +104,11 @@ def per_send_table(suite: pyperf.BenchmarkSuite) -> str:
     return "\n".join(_md(header, rows))
 
 
-SERVER_TARGETS = {"sigtrace-slow-mp": 1.25}  # worker CPU per request over bare's
-
-
 def server_table(result: dict[str, t.Any]) -> str:
     bare = result["modes"]["bare"]["median_cpu_us"]
 
     def versus(mode: str, cpu: float) -> str:
-        target = SERVER_TARGETS.get(mode)
+        target = server.TARGETS.get(mode)
         mark = "" if target is None else (" ✓" if cpu / bare <= target else " ✗")
         return f"{cpu / bare:.2f}{mark}" + ("" if target is None else f" (≤ {target})")
 

@@ -27,13 +27,15 @@ MODES = (
     "sigtrace-none-mp",
 )  # fmt: skip
 CONNECTIONS = 8
+TARGETS = {"sigtrace-slow-mp": 1.25}  # a worker's CPU (and instructions) per request over bare's
 _OPEN = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never a proxy
 
 
 class Gunicorn:
     """A gunicorn master serving ``mode`` on a free port; ``stop()`` ends it and its workers."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, prefix: t.Sequence[str] = (), workers: int = 2) -> None:
+        """``prefix``: what runs gunicorn (valgrind, for ``instructions.py``)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.mode, self.port = mode, s.getsockname()[1]
@@ -41,10 +43,11 @@ class Gunicorn:
         self.dir = tempfile.mkdtemp(prefix="sigtrace-bench-gunicorn-")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGTRACE_", "OTEL_"))}
         env.update(BENCH_MODE=mode, BENCH_BIND=self.url[7:], PROMETHEUS_MULTIPROC_DIR=self.dir)
+        env.update(BENCH_WORKERS=str(workers), PYTHONHASHSEED="0")
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         conf = ["-c", "benchmarks/gunicorn_conf.py", "benchmarks.apps:wsgi_app()"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *conf],
+            [*prefix, sys.executable, "-m", "gunicorn", *conf],
             cwd=Path(__file__).parent.parent, env=env, stdout=self.log, stderr=self.log,
         )  # fmt: skip
 
@@ -75,10 +78,13 @@ class Gunicorn:
         with _OPEN(self.url + "/metrics", timeout=5) as response:
             return int(apps.count_samples(response.read().decode(), [name])[name])
 
-    def stop(self) -> None:
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in psutil.Process(self.proc.pid).children()]
+
+    def stop(self, timeout: float = 15) -> None:
         self.proc.terminate()  # the master stops its workers
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
