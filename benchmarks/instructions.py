@@ -52,10 +52,15 @@ def count(mode: str, requests: int) -> int:
             sys.executable, "-m", "benchmarks.instructions", "--requests", mode, str(requests),
         ]  # fmt: skip
         subprocess.run(command, check=True, env=env, capture_output=True, timeout=1800)
-        totals = [int(n) for n in _TOTALS.findall(out.read_text(errors="replace"))]
-        if not totals:
-            raise RuntimeError(f"no totals in callgrind's output for {mode}")
-        return max(totals)
+        return _total(out, mode)
+
+
+def _total(out: Path, what: str) -> int:
+    """The instruction count in callgrind's output file ``out``."""
+    totals = [int(n) for n in _TOTALS.findall(out.read_text(errors="replace"))]
+    if not totals:
+        raise RuntimeError(f"no totals in callgrind's output for {what}")
+    return max(totals)
 
 
 def per_request(mode: str, short: int, long: int) -> float:
@@ -77,11 +82,7 @@ def count_server(mode: str, requests: int) -> int:
                     response.read()
         finally:
             gunicorn.stop(timeout=300)  # the worker exits, and valgrind writes its count
-        out = Path(tmp, f"callgrind.out.{worker}")
-        totals = [int(n) for n in _TOTALS.findall(out.read_text(errors="replace"))]
-        if not totals:
-            raise RuntimeError(f"no totals in callgrind's output for {mode}'s worker")
-        return max(totals)
+        return _total(Path(tmp, f"callgrind.out.{worker}"), f"{mode}'s worker")
 
 
 def server_per_request(mode: str, short: int, long: int) -> float:
