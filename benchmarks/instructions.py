@@ -32,6 +32,9 @@ from . import apps, server
 
 DEFAULT_MODES = ("bare", "sigtrace-metrics", "sigtrace-none", "sigtrace-slow", "sigtrace-full")
 SERVER_MODES = tuple(m for m in server.MODES if m == "bare" or m.startswith("sigtrace"))
+# Fair scheduling: the span processor's export thread gets its turn, as it does
+# outside valgrind (else its queue may fill, and spans dropped would cost less).
+_VALGRIND = ("valgrind", "--tool=callgrind", "--fair-sched=yes")
 _TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
@@ -48,7 +51,7 @@ def count(mode: str, requests: int) -> int:
         out = Path(tmp, "callgrind.out")
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         command = [
-            "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--combine-dumps=yes",
+            *_VALGRIND, f"--callgrind-out-file={out}", "--combine-dumps=yes",
             sys.executable, "-m", "benchmarks.instructions", "--requests", mode, str(requests),
         ]  # fmt: skip
         subprocess.run(command, check=True, env=env, capture_output=True, timeout=1800)
@@ -71,7 +74,7 @@ def count_server(mode: str, requests: int) -> int:
     """Instructions (all threads) of one gunicorn sync worker serving ``mode``, started
     under valgrind and stopped after ``requests`` requests (after one that waits for it)."""
     with tempfile.TemporaryDirectory(prefix="sigtrace-callgrind-") as tmp:
-        prefix = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p"]
+        prefix = [*_VALGRIND, f"--callgrind-out-file={tmp}/callgrind.out.%p"]
         gunicorn = server.Gunicorn(mode, prefix=prefix, workers=1)
         try:
             gunicorn.wait_ready(timeout=600)

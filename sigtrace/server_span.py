@@ -13,7 +13,10 @@ they always get, and every Span method is the SDK's but the lazy event and
 link lists and a step before ``end``; the SDK's attribute setters write into a
 dict that notes them), with the decisions ``Tracer.start_span`` makes (its
 sampler, its id generator, the trace flags, the processors' ``on_start``)
-taken as the SDK takes them. It differs in what it does not redo: sigtrace's
+taken as the SDK takes them. The SDK's default sampler (``ParentBased(ALWAYS_ON)``
+or ``ALWAYS_ON``, those classes exactly) is not asked about a span without a
+parent: its answer is always the same (record and sample, the attributes as
+given, no trace state). It differs in what it does not redo: sigtrace's
 own attributes, strings and integers it built itself, are kept as they are
 unless span limits are set (then, and for any attribute other code sets, the
 SDK's ``BoundedAttributes`` cleans and bounds them when the span ends, as it
