@@ -152,6 +152,9 @@ def main(argv: t.Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="1 value per benchmark (the test)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"from {', '.join(SECTIONS)}")
     parser.add_argument("--results-dir", type=Path, default=REPO_ROOT / "benchmarks/results")
+    parser.add_argument(
+        "--server-workers", type=int, default=2, help="gunicorn's sync workers (default 2)"
+    )
     args = parser.parse_args(argv)
     speed = "smoke" if args.smoke else "quick" if args.quick else "full"
     if set(sections := args.only.split(",")) - set(SECTIONS):
@@ -172,9 +175,10 @@ def main(argv: t.Sequence[str] | None = None) -> int:
         suite = _pyperf("per_request", results / "per_request.json", speed)
         section("Per request (direct WSGI calls)", per_request_table(suite))
     if "server" in sections:
-        result = server.run(*SERVER[speed])
+        result = server.run(*SERVER[speed], workers=args.server_workers)
         (results / "server.json").write_text(json.dumps(result, indent=1))
-        section("Real server (gunicorn, 2 sync workers, multiprocess)", server_table(result))
+        workers = f"{args.server_workers} sync worker{'s' if args.server_workers > 1 else ''}"
+        section(f"Real server (gunicorn, {workers}, multiprocess)", server_table(result))
     out += ["", f"done in {time.monotonic() - started:.0f} s; load average at the end {_load()}"]
     print(out[-1])
     (results / "summary.md").write_text("\n".join(out) + "\n", encoding="utf-8")

@@ -124,11 +124,13 @@ def _python_load(url: str, seconds: float) -> tuple[int, int]:
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
-def run(seconds: float, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str, t.Any]:
+def run(
+    seconds: float, rounds: int, modes: tuple[str, ...] = MODES, workers: int = 2
+) -> dict[str, t.Any]:
     """Per mode: requests/second and worker CPU µs per request (medians over rounds)."""
     generator = "wrk" if shutil.which("wrk") else "python"
     load = _wrk if generator == "wrk" else _python_load
-    servers = {mode: Gunicorn(mode) for mode in modes}
+    servers = {mode: Gunicorn(mode, workers=workers) for mode in modes}
     results: dict[str, dict[str, t.Any]] = {
         m: {"rps": [], "cpu_us": [], "errors": 0, "requests": 0} for m in modes
     }
@@ -156,4 +158,4 @@ def run(seconds: float, rounds: int, modes: tuple[str, ...] = MODES) -> dict[str
         entry["median_rps"] = statistics.median(entry["rps"])
         entry["median_cpu_us"] = statistics.median(entry["cpu_us"])
     return {"generator": generator, "connections": CONNECTIONS, "seconds": seconds,
-            "rounds": rounds, "modes": results}  # fmt: skip
+            "rounds": rounds, "workers": workers, "modes": results}  # fmt: skip
