@@ -219,16 +219,16 @@ def _start(
     else:
         trace_id = parent_context.trace_id
     sampler = tracer.sampler
+    given: t.Mapping[str, t.Any] | None  # what the SDK's span starts with: the sampler's
     if parent_context is None and _samples_roots(sampler):
         # What the sampler would answer: RECORD_AND_SAMPLE, the attributes it was
         # given, no trace state (a root has no parent's to carry).
-        given: t.Mapping[str, t.Any] | None = attributes
-        sampled, recording, trace_state = True, True, None
+        decision, given, trace_state = _RECORD_AND_SAMPLE, attributes, None
+        sampled = recording = True
     else:
         result = sampler.should_sample(parent, trace_id, name, SpanKind.SERVER, attributes, ())
-        decision = result.decision
+        decision, given, trace_state = result.decision, result.attributes, result.trace_state
         sampled, recording = decision.is_sampled(), decision.is_recording()  # type: ignore[no-untyped-call]
-        given, trace_state = result.attributes, result.trace_state
     flags = _SAMPLED if sampled else _UNSAMPLED
     if _RANDOM_TRACE_ID is not None:
         # typed as Any: OpenTelemetry 1.40, the lowest supported, has neither
@@ -244,12 +244,9 @@ def _start(
         trace_flags=flags,
         trace_state=trace_state,
     )
-    record_end_metrics = tracer._tracer_metrics.start_span(
-        parent_context, _RECORD_AND_SAMPLE if sampled else decision
-    )
+    record_end_metrics = tracer._tracer_metrics.start_span(parent_context, decision)
     if not recording:
         return trace.NonRecordingSpan(context)
-    # what the SDK's span starts with: the sampler's attributes
     span: ServerSpan = _new(ServerSpan)  # not through the SDK's Span.__new__ (Python-level)
     span._setup(
         tracer,

@@ -591,3 +591,31 @@ def test_the_parent_context_is_what_the_propagators_extract(
         headers
     )
     assert bool(calls) is not skipped
+
+
+def test_a_request_context_token_from_another_context_still_ends_the_span(
+    traced: t.Callable[..., Traced], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The request's context is reset straight through OpenTelemetry's ContextVar; a token
+    it cannot reset (made in another context) goes to ``opentelemetry.context.detach``,
+    which logs it, and the span still ends, is exported and the request is counted."""
+    import contextvars
+    import logging
+
+    from opentelemetry.context import Context, get_current
+
+    from sigtrace import extension, tracing
+
+    t_ = traced()
+    state = t_.app.extensions["sigtrace"]
+    record = extension._Request(state, "GET")
+    record.span = state.tracer.start_span("GET", kind=SpanKind.SERVER)
+    record.token = contextvars.copy_context().run(tracing.attach, Context({"other": 1}))
+    before = get_current()
+    with caplog.at_level(logging.ERROR, logger="opentelemetry.context"):
+        record.finish()  # raises nothing
+    assert get_current() == before
+    assert [s.name for s in t_.spans.get_finished_spans()] == ["GET"]
+    assert "Failed to detach context" in caplog.text
+    key = "sigtrace_http_request_duration_seconds_count"
+    assert sample(t_.registry, key, method="GET", endpoint=UNMATCHED_ENDPOINT, status="500") == 1
