@@ -23,9 +23,10 @@ import psutil  # type: ignore[import-untyped]
 from . import apps
 
 MODES = (
-    "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp",
+    "bare", "pfe-mp", "otel", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp",
     "sigtrace-none-mp",
 )  # fmt: skip
+UNCOUNTED = ("bare", "otel")  # no /metrics to count requests with
 CONNECTIONS = 8
 TARGETS = {"sigtrace-slow-mp": 1.25}  # a worker's CPU (and instructions) per request over bare's
 _OPEN = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # never a proxy
@@ -71,7 +72,7 @@ class Gunicorn:
 
     def counted(self) -> int | None:
         """Signup requests in one scrape of ``/metrics`` (every worker's, summed)."""
-        if self.mode == "bare":
+        if self.mode in UNCOUNTED:
             return None
         prefix = "flask" if self.mode.startswith("pfe") else "sigtrace"
         name = f"{prefix}_http_request_duration_seconds_count"

@@ -68,13 +68,13 @@ def test_server_run_serves_every_mode_without_errors(tmp_path: Path) -> None:
 
     result = json.loads((tmp_path / "server.json").read_text())
     assert set(result["modes"]) == {
-        "bare", "pfe-mp", "sigtrace-metrics-mp", "sigtrace-full-mp", "sigtrace-slow-mp",
-        "sigtrace-none-mp",
+        "bare", "pfe-mp", "otel", "sigtrace-metrics-mp", "sigtrace-full-mp",
+        "sigtrace-slow-mp", "sigtrace-none-mp",
     }  # fmt: skip
     for mode, entry in result["modes"].items():
         assert entry["errors"] == 0, mode
         assert entry["median_rps"] > 0 and entry["median_cpu_us"] > 0, mode
-        if mode != "bare":  # both workers' requests, summed from the multiprocess files
+        if mode not in ("bare", "otel"):  # both workers' requests, from the multiprocess files
             assert entry["counted_by_metrics"] >= entry["requests"] > 0, mode
 
 
