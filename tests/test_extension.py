@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import typing as t
 import urllib.error
@@ -13,6 +15,7 @@ import flask
 import pytest
 from flask import signals as flask_signals
 from opentelemetry import trace
+from opentelemetry.context import Context, get_current
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,7 +23,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 from werkzeug.serving import make_server
 
-from sigtrace import ConfigError, SigTrace, dispatch
+from sigtrace import ConfigError, SigTrace, dispatch, extension, tracing
 from sigtrace.config import KEYS
 from sigtrace.extension import UNMATCHED_ENDPOINT
 from tests.conftest import sample, samples_from_text, series
@@ -565,8 +568,6 @@ def test_the_parent_context_is_what_the_propagators_extract(
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    from sigtrace import extension
-
     chosen = {"tracecontext": TraceContextTextMapPropagator(), "baggage": W3CBaggagePropagator()}
     monkeypatch.setattr(
         propagate, "_HTTP_TEXT_FORMAT", CompositePropagator([chosen[n] for n in order.split(",")])
@@ -599,13 +600,6 @@ def test_a_request_context_token_from_another_context_still_ends_the_span(
     """The request's context is reset straight through OpenTelemetry's ContextVar; a token
     it cannot reset (made in another context) goes to ``opentelemetry.context.detach``,
     which logs it, and the span still ends, is exported and the request is counted."""
-    import contextvars
-    import logging
-
-    from opentelemetry.context import Context, get_current
-
-    from sigtrace import extension, tracing
-
     t_ = traced()
     state = t_.app.extensions["sigtrace"]
     record = extension._Request(state, "GET")
