@@ -162,6 +162,12 @@ def test_sigkill_of_a_worker_loses_at_most_one_interval(
         run_until(lambda: len({p for p, _ in ok}) == 2 and len(ok) >= 100, "both workers")
         workers = {p for p, _ in ok}
         victim = min(workers)
+        # a worker that never published has no file to archive (a late-booted
+        # worker's first request can come just before the kill)
+        run_until(
+            lambda: any(f.startswith(f"sigtrace-{victim}-") for f in gunicorn.files()),
+            "the victim's first publish",
+        )
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         run_until(lambda: len({p for p, _ in ok} - workers) >= 1, "a replacement", timeout=25)
