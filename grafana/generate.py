@@ -66,6 +66,7 @@ your copy of ``grafana/rules/RUNBOOK.md`` (a wiki page, your repository's file).
 RUNBOOK_FILES = (
     "sigtrace-alerts.yml",
     "tests/sigtrace-http.test.yml",
+    "tests/sigtrace-multiprocess.test.yml",
     "tests/sigtrace-receivers.test.yml",
 )
 """The files under :data:`RULES_DIR` whose ``runbook_url`` lines are filled in."""

@@ -92,7 +92,9 @@ def worker_exit(server: t.Any, worker: t.Any) -> None:
 def child_exit(server: t.Any, worker: t.Any) -> None:
     """gunicorn ``child_exit``: archive the dead worker's values.
 
-    Also forgets its prometheus-client live gauges (``mark_process_dead``).
+    Also forgets its prometheus-client live gauges (``mark_process_dead``), and
+    writes the master's own failure counts (an archive that failed) where
+    every scrape reads them.
     Does nothing outside multiprocess mode; waits at most
     :data:`sigtrace.multiprocess_directory.LOCK_TIMEOUT` for the lock.
     """
@@ -104,6 +106,7 @@ def child_exit(server: t.Any, worker: t.Any) -> None:
     except Exception as error:
         multiprocess_directory.report("archive_failed", path, repr(error))
         server.log.warning("sigtrace: cannot archive worker %s's metrics: %r", worker.pid, error)
+    multiprocess_directory.publish_errors(path)
     try:
         from prometheus_client import multiprocess as client_multiprocess
 

@@ -50,7 +50,11 @@ snapshot, another user's file, an unreadable file) is skipped and the rest is
 served; a corrupt archive or dead process's file is renamed aside
 (``<name>.corrupt-<time>``), not deleted. Each failure counts in
 ``sigtrace_multiprocess_errors_total{reason}`` of the process that met it and
-logs one warning per file and reason per minute. A directory that is gone is
+logs one warning per file and reason per minute. A process writes its counts
+to a file of its own (``sigtrace-<pid>-<nonce>.json``, only once it has met a
+failure) like its other values, so a scrape serves every process's failures
+summed, archived with the rest when the process dies: one total per server,
+which a rate or an alert can read. A directory that is gone is
 recreated (0700) when the parent allows it; until then a scrape serves the
 scraped process's own values from memory.
 
@@ -67,6 +71,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import stat
 import tempfile
 import threading
@@ -77,6 +82,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from . import lifecycle
 from . import multiprocess_format as fmt
 
 __all__ = [
@@ -94,9 +100,11 @@ __all__ = [
     "directory",
     "directory_problem",
     "error_counts",
+    "errors_document",
     "errors_family",
     "reader",
     "recreate",
+    "publish_errors",
     "report",
     "share",
     "stale_files",
@@ -132,11 +140,26 @@ def directory() -> str | None:
 # Errors: counted by reason, warned about at most once a minute per file
 
 
+ERRORS_NAME = "sigtrace_multiprocess_errors_total"
+_ERRORS_HELP = (
+    "Multiprocess directory failures the server's processes met, by reason (entries "
+    "skipped, writes failed, locks not had in time)."
+)
+
+
 class _Errors:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self._warned: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
+        self._new_file()
+
+    def _new_file(self) -> None:
+        """This process's errors file: a process file holding only these counts."""
+        self.pid = os.getpid()
+        self.name = f"sigtrace-{self.pid}-{secrets.token_hex(6)}.json"
+        self.written: dict[str, float] = {}  # the counts in the file
+        self.write_lock = threading.Lock()  # one writer at a time: never an older version last
 
     def report(self, reason: str, where: str, detail: object) -> None:
         now = time.monotonic()
@@ -153,6 +176,7 @@ class _Errors:
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self.counts = {}
+        self._new_file()
 
 
 _errors = _Errors()
@@ -160,24 +184,75 @@ _errors = _Errors()
 
 def report(reason: str, where: str, detail: object) -> None:
     """Count a failure under ``reason`` and warn (once a minute per ``where``)."""
-    _errors.report(reason, where, detail)
+    _own_errors().report(reason, where, detail)
 
 
 def error_counts() -> dict[str, int]:
     """This process's failures so far, by reason."""
-    return dict(_errors.counts)
+    return dict(_own_errors().counts)
+
+
+_reset_lock = lifecycle.ForkSafeLock()  # taken only at a child's first use of its counts
+
+
+def _own_errors() -> _Errors:
+    """This process's counts: a forked child's start from zero, with a file of its own.
+
+    The fork hook resets them where sigtrace's components run; this covers a
+    child forked before any ran (a gunicorn master imports this module through
+    its hooks) or from C (uWSGI).
+    """
+    if _errors.pid != os.getpid():
+        with _reset_lock:
+            if _errors.pid != os.getpid():
+                _errors.after_fork_in_child()
+    return _errors
+
+
+def errors_document() -> tuple[str, fmt.Document]:
+    """This process's failures so far as a process document, and its file's name."""
+    errors = _own_errors()
+    counts = error_counts()
+    families: list[fmt.Family] = []
+    if counts:
+        series = [fmt.CounterSeries(labels=[r], value=float(c)) for r, c in sorted(counts.items())]
+        families.append(
+            fmt.Family(
+                name=ERRORS_NAME,
+                help=_ERRORS_HELP,
+                kind="counter",
+                labels=["reason"],
+                bounds=[],
+                series=series,
+            )
+        )
+    return errors.name, fmt.document("process", errors.pid, families)
+
+
+def publish_errors(path: str) -> None:
+    """Write this process's failure counts to its errors file when they changed.
+
+    Never raises. A failed write is not counted again (the write that failed
+    beside it was, and the next call retries).
+    """
+    try:
+        errors = _own_errors()
+        if not errors.counts:
+            return  # the usual case: one attribute read
+        with errors.write_lock:
+            name, document = errors_document()
+            counts = {s["labels"][0]: s["value"] for f in document["families"] for s in f["series"]}
+            if not counts or counts == errors.written:
+                return
+            write_private(path, name, fmt.encode(document))
+            errors.written = counts
+    except Exception as error:
+        log.debug("sigtrace: cannot write this process's error counts to %s: %r", path, error)
 
 
 def errors_family() -> CounterMetricFamily:
-    family = CounterMetricFamily(
-        "sigtrace_multiprocess_errors",
-        "Multiprocess directory failures this process met, by reason (entries skipped, "
-        "writes failed, locks not had in time).",
-        labels=["reason"],
-    )
-    for reason, count in sorted(error_counts().items()):
-        family.add_metric([reason], count)
-    return family
+    """The errors family, empty: served when no process met a failure."""
+    return CounterMetricFamily(ERRORS_NAME, _ERRORS_HELP, labels=["reason"])
 
 
 # --------------------------------------------------------------------------
@@ -631,7 +706,10 @@ class PublishedTotalsCollector(Collector):
     memory, ``(file name, document)`` per publisher: they are served in place
     of the files of those names, so a scrape shows its process's values even
     when they could not be written, and alone when the directory cannot be
-    read. Also yields ``sigtrace_multiprocess_errors_total`` of this process.
+    read. This process's failure counts are served from memory too, in place
+    of its errors file, counting the failures this very read met; a process
+    that publishes (``local`` given) then writes them, so the next scrape,
+    whichever process serves it, does not read a lower total.
     """
 
     def __init__(
@@ -657,12 +735,16 @@ class PublishedTotalsCollector(Collector):
         except Exception as error:
             report("archive_failed", self.path, error)
         own = [] if self._local is None else self._local(self.path)
+        errors_name = _own_errors().name
         try:
-            totals = self._reader.read(skip=[name for name, _ in own])
+            totals = self._reader.read(skip=[*(name for name, _ in own), errors_name])
         except Exception as error:
             reason = "directory_missing" if isinstance(error, FileNotFoundError) else "read_failed"
             report(reason, self.path, f"{error!r}; serving this process's values only")
             totals = fmt.Totals()
+        own.append(errors_document())  # after the read: with the failures it met
+        if self._local is not None:
+            publish_errors(self.path)
         for _, document in own:
             totals.add(document)
         try:
@@ -670,11 +752,12 @@ class PublishedTotalsCollector(Collector):
         except Exception as error:  # never a 500: this process's values alone
             report("read_failed", self.path, f"{error!r}; serving this process's values only")
             totals = fmt.Totals()
-            for _, document in own:
+            for _, document in [*own[:-1], errors_document()]:
                 totals.add(document)
             families = list(totals.metric_families())
         yield from families
-        yield errors_family()
+        if ERRORS_NAME not in totals.families:
+            yield errors_family()
 
 
 # --------------------------------------------------------------------------

@@ -189,10 +189,17 @@ class Publisher:
         self._new_process_state()
 
     def publish(self) -> bool:
-        """Write this process's file if a value changed since the last write.
+        """Write this process's file if a value changed since the last write,
+        and its failure counts' file if they changed.
 
         Never raises: a failed write keeps the values for the next publish.
         """
+        try:
+            return self._publish()
+        finally:
+            mpdir.publish_errors(self.path)
+
+    def _publish(self) -> bool:
         with self._lock:
             if self._pid != os.getpid():
                 return False  # a child that has not started yet

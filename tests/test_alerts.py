@@ -34,6 +34,7 @@ ALERTS = {
     "SigtraceUnhandledExceptionRatioHigh",
     "SigtraceReceiverErrors",
     "SigtraceSlowReceiver",
+    "SigtraceMultiprocessErrors",
 }
 GUARD = re.compile(r"\n\s*and on \([^)]*\)\n\s*sigtrace:\w+:rate5m >= [0-9.]+")
 
@@ -130,7 +131,8 @@ def test_recording_rules_follow_the_naming_convention() -> None:
     assert len(names) == len(set(names))
     for rule in records:
         assert re.fullmatch(r"sigtrace:[a-z0-9_]+:[a-z0-9_]+", rule["record"]), rule["record"]
-        assert "[5m]" in rule["expr"] and "5m" in rule["record"]
+        window = re.search(r"(?:rate|increase)(\d+m)$", rule["record"])
+        assert window and f"[{window.group(1)}]" in rule["expr"], rule["record"]
         # Aggregated per job, never per instance: alerts are per service.
         assert "by (job," in rule["expr"] and "instance" not in rule["expr"]
     assert {

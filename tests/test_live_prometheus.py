@@ -31,6 +31,7 @@ import yaml
 
 from tests.app_process import stop_process
 from tests.conftest import require_tool
+from tests.servers import Server, start_gunicorn
 
 pytestmark = pytest.mark.real
 
@@ -46,6 +47,9 @@ HTTP_TIMEOUT = 5.0
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 COMPARISON = re.compile(r"\s*(?:>=|<=|==|!=|>|<)\s*-?[0-9][0-9.e+-]*")
 LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
+MULTIPROCESS_ERRORS = "multiprocess_errors"
+"""In the rules that measure failures of PROMETHEUS_MULTIPROC_DIR: the demo is one
+process without it, so a real gunicorn with a fault measures them instead."""
 
 
 def free_port() -> int:
@@ -345,8 +349,13 @@ def test_every_dashboard_variable_has_values(prometheus: Prometheus, demo: Demo)
             assert "examples.signup_app.write_audit_log" in values
 
 
+def demo_rules(kind: str) -> list[dict[str, t.Any]]:
+    """The rules the demo's traffic measures (not the multiprocess ones)."""
+    return [rule for rule in rules(kind) if MULTIPROCESS_ERRORS not in rule["expr"]]
+
+
 def test_every_recording_rule_returns_data_and_is_recorded(prometheus: Prometheus) -> None:
-    records = rules("record")
+    records = demo_rules("record")
     results = prometheus.first_data(
         [rule["expr"] for rule in records] + [rule["record"] for rule in records]
     )
@@ -365,7 +374,7 @@ def test_every_alert_expression_measures_data(prometheus: Prometheus) -> None:
     alert condition holds, which depends on the demo's traffic; without them
     it returns what the alert measures, which must exist for every alert.
     """
-    alerts = rules("alert")
+    alerts = demo_rules("alert")
     measures = {}
     for rule in alerts:
         prometheus.query(rule["expr"])  # valid PromQL, whatever the current values
@@ -538,3 +547,56 @@ def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Pat
             for loader in loaders:
                 loader.join(HTTP_TIMEOUT + 5)
     assert len(set(served.values())) == 2
+
+
+def test_the_multiprocess_errors_alert_goes_pending_on_a_gunicorn_servers_failures(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A real 2-worker gunicorn whose directory holds a corrupt file of a live
+    process (this one): every scrape meets it. Prometheus scrapes the server's
+    total of failures, records it by reason, and SigtraceMultiprocessErrors
+    goes pending (it fires only after 5 minutes)."""
+    binary = require_tool("prometheus")
+    measured = {r.get("record") or r["alert"] for r in rules("expr")} - {
+        r.get("record") or r["alert"] for r in demo_rules("expr")
+    }
+    assert measured == {"sigtrace:multiprocess_errors:increase10m", "SigtraceMultiprocessErrors"}
+    gunicorn = start_gunicorn(tmp_path, SIGTRACE_PUBLISH_INTERVAL="0.2")
+    servers.append(gunicorn)
+    gunicorn.load_every_worker(10)
+    (gunicorn.prometheus_dir / f"sigtrace-{os.getpid()}-0badf11e.json").write_text("{not json")
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(path) for path in RULE_FILES],
+        "scrape_configs": [
+            {
+                "job_name": "gunicorn",
+                "static_configs": [{"targets": [f"127.0.0.1:{gunicorn.port}"]}],
+            }
+        ],
+    }
+    work = tmp_path / "prometheus-server"  # "prometheus" is gunicorn's directory
+    work.mkdir()
+    with running_prometheus(binary, work, work / "data", config) as (proc, server):
+        pending = 'ALERTS{alertname="SigtraceMultiprocessErrors", alertstate="pending"}'
+        found: dict[str, list[dict[str, t.Any]]] = {}
+
+        def measured_and_pending() -> bool:
+            assert proc.poll() is None, (work / "prometheus.log").read_text()
+            try:
+                for expr in ("sigtrace:multiprocess_errors:increase10m", pending):
+                    found[expr] = server.query(expr)
+            except (OSError, ValueError):
+                return False  # not ready yet
+            return all(found.values())
+
+        wait_for("the alert to go pending", measured_and_pending, START_TIMEOUT + DATA_TIMEOUT)
+    (recorded,) = found["sigtrace:multiprocess_errors:increase10m"]
+    assert recorded["metric"] == {
+        "__name__": "sigtrace:multiprocess_errors:increase10m",
+        "job": "gunicorn",
+        "reason": "invalid_json",
+    }
+    assert float(recorded["value"][1]) >= 1
+    (alert,) = found[pending]
+    assert alert["metric"]["reason"] == "invalid_json" and alert["metric"]["job"] == "gunicorn"

@@ -70,6 +70,15 @@ def fresh_error_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mpd, "_errors", mpd._Errors())
 
 
+def _published(metrics: MetricSet, sends: int) -> publishing.Publisher:
+    """This process's publisher of ``metrics``, after ``sends`` sends published."""
+    publisher = publishing.attach(metrics, interval=3600)
+    assert publisher is not None
+    record(metrics, sends)
+    assert publisher.publish()
+    return publisher
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
@@ -305,10 +314,7 @@ def test_a_corrupt_dead_file_is_renamed_aside_not_archived(mpdir: Path) -> None:
 def test_a_removed_directory_is_recreated_0700_and_nothing_counts_twice(
     mpdir: Path, metrics: MetricSet
 ) -> None:
-    publisher = publishing.attach(metrics, interval=3600)
-    assert publisher is not None
-    record(metrics, 2)
-    assert publisher.publish()
+    publisher = _published(metrics, 2)
     for name in files(mpdir):
         (mpdir / name).unlink()
     mpdir.rmdir()  # a tmp cleaner
@@ -568,3 +574,52 @@ def test_gunicorn_hooks_let_no_exception_of_sigtrace_through(
     messages = [r.getMessage() for r in caplog.records]
     assert any("cannot archive worker" in m and "a bug in sigtrace" in m for m in messages)
     assert any("cannot publish worker" in m for m in messages)
+
+
+# --------------------------------------------------------------------------
+# The failure counts: every process's, summed like its values
+
+
+def test_failure_counts_are_written_once_met_and_only_when_they_change(
+    mpdir: Path, metrics: MetricSet
+) -> None:
+    publisher = _published(metrics, 3)
+    assert scrape(mpdir)[SENDS] == 3
+    errors_name = mpd._errors.name
+    assert files(mpdir) == {publisher.name}  # no failure met: no errors file
+
+    _entry(mpdir).write_text("{not json")  # this process is alive: read at every scrape
+    assert errors(scrape(mpdir), "invalid_json") == 1
+    document = fmt.parse((mpdir / errors_name).read_bytes(), "process")
+    assert document["pid"] == os.getpid()
+    assert [(f["name"], f["series"]) for f in document["families"]] == [
+        (mpd.ERRORS_NAME, [{"labels": ["invalid_json"], "value": 1.0}])
+    ]
+    written = (mpdir / errors_name).stat().st_ino
+    record(metrics, 1)
+    assert publisher.publish()
+    assert (mpdir / errors_name).stat().st_ino == written  # unchanged counts: not rewritten
+    assert errors(scrape(mpdir), "invalid_json") == 2  # its own file skipped: not 1 + 2
+    assert fmt.parse((mpdir / errors_name).read_bytes(), "process")["families"][0]["series"] == [
+        {"labels": ["invalid_json"], "value": 2.0}
+    ]
+
+
+def test_a_dead_processs_failures_are_summed_then_archived(mpdir: Path) -> None:
+    pid = dead_pid()
+    family = fmt.Family(
+        name=mpd.ERRORS_NAME,
+        help="failures",
+        kind="counter",
+        labels=["reason"],
+        bounds=[],
+        series=[fmt.CounterSeries(labels=["disk_full"], value=4.0)],
+    )
+    name = f"sigtrace-{pid}-0123abcd.json"
+    mpd.write_private(str(mpdir), name, fmt.encode(fmt.document("process", pid, [family])))
+    assert errors(scrape(mpdir, archive=False), "disk_full") == 4
+    mpd.report("disk_full", str(mpdir), "this process's own")
+    samples = scrape(mpdir)  # archives the dead process's file
+    assert errors(samples, "disk_full") == 5
+    assert name not in files(mpdir) and mpd.ARCHIVE_NAME in files(mpdir)
+    assert errors(scrape(mpdir), "disk_full") == 5

@@ -182,6 +182,10 @@ def test_fault_matrix_under_load(tmp_path: Path, servers: list[Server]) -> None:
             gunicorn.wait_for_totals(answered)
         # The master's child_exit gave up on the lock (it warns; it respawned).
         assert any("multiprocess lock_timeout" in line for line in gunicorn.log)
+        # and wrote its count to a file of its own, which every scrape reads
+        master = f"sigtrace-{gunicorn.proc.pid}-"
+        run_until(lambda: any(f.startswith(master) for f in gunicorn.files()), "the master's")
+        assert error_count(scrape_ok(gunicorn), "lock_timeout") >= 1
         gunicorn.wait_for_totals(answered)
         run_until(lambda: mpd.ARCHIVE_NAME in gunicorn.files(), "the dead worker archived")
         assert_private(directory)
@@ -279,6 +283,62 @@ def test_disk_full_and_read_only_under_load(
 
 # --------------------------------------------------------------------------
 # A new run; refusals at start; a root master with workers of another user
+
+
+def test_the_errors_total_is_every_workers_and_survives_a_sigkill(
+    tmp_path: Path, servers: list[Server]
+) -> None:
+    """A bad file of a live process is met by every scrape, in whichever worker
+    serves it: the n-th scrape serves exactly n such failures (summed over the
+    workers' errors files, never one worker's own count), and a SIGKILLed
+    worker's failures stay in the total (archived with its values)."""
+    gunicorn = start_gunicorn(tmp_path, SIGTRACE_PUBLISH_INTERVAL=INTERVAL)
+    servers.append(gunicorn)
+    gunicorn.load_every_worker(20)
+    bad = gunicorn.prometheus_dir / f"sigtrace-{os.getpid()}-0badf11e.json"
+    bad.write_text("{not json")  # this test's process: alive, so read by every scrape
+    scrapes = 0
+    counts: list[float] = []
+    lock = threading.Lock()
+
+    def scraper() -> None:  # two at a time: each sync worker serves some
+        nonlocal scrapes
+        for _ in range(15):
+            samples = scrape_ok(gunicorn)
+            with lock:
+                scrapes += 1
+                counts.append(error_count(samples, "invalid_json"))
+
+    threads = [threading.Thread(target=scraper) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert scrapes == 30 and all(1 <= c <= 30 for c in counts), counts
+
+    def errors_files() -> dict[int, float]:
+        """Each worker's count, read from its errors file."""
+        found: dict[int, float] = {}
+        for path in gunicorn.prometheus_dir.glob("sigtrace-*-*.json"):
+            if path == bad:
+                continue
+            document = fmt.parse(path.read_bytes(), "process")
+            for family in document["families"]:
+                if family["name"] == mpd.ERRORS_NAME:
+                    assert document["pid"] is not None
+                    found[document["pid"]] = sum(s["value"] for s in family["series"])
+        return found
+
+    per_worker = errors_files()
+    assert len(per_worker) == 2 and all(per_worker.values()), per_worker  # both served some
+    assert sum(per_worker.values()) == 30
+    assert error_count(scrape_ok(gunicorn), "invalid_json") == 31  # not this worker's alone
+
+    victim = max(per_worker, key=per_worker.__getitem__)
+    os.kill(victim, signal.SIGKILL)
+    gunicorn.wait_for_log(rf"Worker \(pid:{victim}\) was sent SIGKILL")
+    run_until(lambda: victim not in errors_files(), "the victim's errors archived")
+    assert error_count(scrape_ok(gunicorn), "invalid_json") == 32
 
 
 def test_a_new_run_starts_from_zero(tmp_path: Path, servers: list[Server]) -> None:
