@@ -112,6 +112,7 @@ def test_ci_checks_installs_with_old_and_new_pips_and_builds_the_docs() -> None:
     assert "\n.ci/install-check\n" in run and "\nmake docs\n" in run
     check = (ROOT / ".ci" / "install-check").read_text(encoding="utf-8")
     assert "\nPIPS=(23.2.1 24.0 25.0 latest uv)\n" in check
+    assert '\nOLD_PIPS=("22.0.2:3.10" "23.0.1:3.10 3.11")\n' in check  # Ubuntu 22.04, Debian 12
     for needed in ('twine" check --strict', "pip check", "opentelemetry-distro", "[flask-otel]"):
         assert needed in check, needed
     assert "for what in tree wheel sdist; do" in check
