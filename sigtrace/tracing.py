@@ -173,7 +173,13 @@ def kwarg_attributes(keys: frozenset[str], kwargs: dict[str, t.Any]) -> dict[str
 EXIT_FLUSH_SECONDS = 2.0
 """How long the exit hook waits for the last spans: a healthy collector takes
 milliseconds, a dead one would hold the process (a gunicorn worker, a pod) for
-the exporter's whole retry schedule, about 8 s with the default timeout."""
+the exporter's whole retry schedule, about 8 s with the default timeout, and
+one that never answers for the whole export timeout (10 s by default)."""
+
+EXIT_STOP_SECONDS = 1.0
+"""How long the exit hook then waits for the stopped exporter to return (gRPC
+cancels its call in flight); an HTTP request in flight cannot be interrupted
+and is left to its daemon thread."""
 
 EXPORTER_LOG_INTERVAL = 60.0
 """Seconds between two identical log messages of the OTLP exporters."""
@@ -509,8 +515,9 @@ def shutdown_sdk() -> None:
     """Flush and shut down the provider sigtrace installed, if any.
 
     Waits at most :data:`EXIT_FLUSH_SECONDS` for the last export, then stops
-    the exporter (aborting its retries). Runs at exit and at the last release
-    of :func:`sdk_component`; calling it again does nothing.
+    the exporter (aborting its retries) and waits at most
+    :data:`EXIT_STOP_SECONDS` more. Runs at exit and at the last release of
+    :func:`sdk_component`; calling it again does nothing.
     """
     with _sdk.lock:
         provider, _sdk.provider = _sdk.provider, None
@@ -518,11 +525,8 @@ def shutdown_sdk() -> None:
         filters = list(_sdk.log_filters)
         _sdk.log_filters.clear()
     if provider is not None:
-        _exit_deadline.arm(exporter.shutdown if exporter else _noop)
-        try:
-            provider.shutdown()  # flushes through the batch processor
-        finally:
-            _exit_deadline.disarm()
+        # provider.shutdown() flushes through the batch processor
+        _exit_flush.run(provider.shutdown, exporter.shutdown if exporter else _noop)
     for logger, log_filter in filters:
         logger.removeFilter(log_filter)
 
@@ -531,48 +535,60 @@ def _noop() -> None:
     return None
 
 
-class _ExitDeadline:
-    """Calls an action :data:`EXIT_FLUSH_SECONDS` after :meth:`arm` unless disarmed.
+class _ExitFlush:
+    """Runs the provider's shutdown on a thread started ahead of time, waiting
+    for it at most :data:`EXIT_FLUSH_SECONDS`, then stops the exporter and
+    waits at most :data:`EXIT_STOP_SECONDS` more.
 
-    Its thread is started ahead of time (by :data:`SDK`'s start, and again in
-    a forked child), since Python 3.12 refuses to start a thread in an
-    ``atexit`` hook, where the flush runs. Disarming ends it.
+    The shutdown joins the batch processor's thread, which may be in an export
+    that nothing interrupts (an HTTP request to a collector that accepted the
+    connection and never answers, until the export timeout); on its own
+    (daemon) thread it holds up neither the exit nor ``close()``. The thread is
+    started ahead of time (by :data:`SDK`'s start, and again in a forked
+    child), since Python 3.12 refuses to start a thread in an ``atexit`` hook,
+    where the flush runs. Written here because the SDK's shutdown takes no
+    deadline.
     """
 
     def __init__(self) -> None:
-        self._armed = threading.Event()
-        self._disarmed = threading.Event()
-        self._action: t.Callable[[], object] = _noop
+        self._go = threading.Event()
+        self._done = threading.Event()
+        self._job: t.Callable[[], object] = _noop
         self._thread: threading.Thread | None = None
 
     def ready(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._armed, self._disarmed = threading.Event(), threading.Event()
-            self._thread = lifecycle.spawn("sigtrace-exit-deadline", self._run)
+            self._go, self._done = threading.Event(), threading.Event()
+            self._thread = lifecycle.spawn("sigtrace-exit-flush", self._run)
 
     def _run(self) -> None:
-        self._armed.wait()
-        if not self._disarmed.wait(EXIT_FLUSH_SECONDS):
+        self._go.wait()
+        try:
+            self._job()
+        except Exception:
+            log.debug("sigtrace: shutting the tracer provider down failed", exc_info=True)
+        finally:
+            self._done.set()
+
+    def run(self, flush: t.Callable[[], object], stop: t.Callable[[], object]) -> None:
+        """``flush()`` on the thread, then ``stop()`` if it did not end in time."""
+        try:
+            self.ready()
+        except RuntimeError:  # at interpreter shutdown, with no thread started: inline
+            flush()
+            return
+        thread, done = self._thread, self._done
+        self._job, self._thread = flush, None  # the thread runs once
+        self._go.set()
+        if not done.wait(EXIT_FLUSH_SECONDS):
             try:
-                self._action()
+                stop()
             except Exception:
                 log.debug("sigtrace: stopping the span exporter failed", exc_info=True)
-
-    def arm(self, action: t.Callable[[], object]) -> None:
-        self._action = action
-        if self._thread is None or not self._thread.is_alive():
-            try:
-                self.ready()
-            except RuntimeError:  # at interpreter shutdown: no deadline to be had
-                return
-        self._armed.set()
-
-    def disarm(self) -> None:
-        self._disarmed.set()
-        self._armed.set()  # a thread never armed ends too
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(EXIT_FLUSH_SECONDS)
+            if not done.wait(EXIT_STOP_SECONDS):
+                return  # left to its daemon thread
+        if thread is not None:
+            thread.join(EXIT_STOP_SECONDS)  # ending: done is its last step
 
     def after_fork_in_child(self) -> None:
         self._thread = None  # the parent's does not run here
@@ -580,13 +596,13 @@ class _ExitDeadline:
             self.ready()
 
 
-_exit_deadline = _ExitDeadline()
+_exit_flush = _ExitFlush()
 SDK = lifecycle.Component(
     "sigtrace-tracer-provider",
     lifecycle.Order.TRACING,
-    start=_exit_deadline.ready,
+    start=_exit_flush.ready,
     stop=shutdown_sdk,
-    after_fork_in_child=_exit_deadline.after_fork_in_child,
+    after_fork_in_child=_exit_flush.after_fork_in_child,
     at_exit=shutdown_sdk,
 )
-"""The SDK provider sigtrace installed: its exit deadline thread, its flush at exit."""
+"""The SDK provider sigtrace installed: its exit flush thread, its flush at exit."""

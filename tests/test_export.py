@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 import time
 import typing as t
@@ -328,6 +329,39 @@ def test_a_dead_endpoint_does_not_hold_up_exit() -> None:
         app.wait_for_stderr("Transient error", timeout=10)  # an export is retrying
         took = app.stop()
     # the exit hook waits tracing.EXIT_FLUSH_SECONDS (2 s), then stops the retries
+    assert took < 6.0, f"exit took {took:.1f}s"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_endpoint_that_never_answers_holds_up_neither_requests_nor_exit(
+    protocol: str,
+) -> None:
+    """A collector that accepts the connection and then says nothing (hung, or
+    a firewall that drops replies) with the default 10 s export timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.settimeout(20)
+        env = app_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{listener.getsockname()[1]}",
+            OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+            OTEL_SERVICE_NAME=SERVICE,
+        )
+        del env["OTEL_EXPORTER_OTLP_TIMEOUT"]
+        with running_app(env) as app:
+            started = time.monotonic()
+            for i in range(20):
+                assert app.get(f"/signup/silent{i}", new_traceparent()[0])[0] == 200
+            served = time.monotonic() - started
+            connection, _ = listener.accept()  # the exporter connected: its export waits
+            with connection:
+                took = app.stop()
+            returncode = app._proc.returncode
+    assert served < 10.0, f"20 requests took {served:.1f}s"
+    # a clean exit, the export in flight abandoned without a crash at finalization
+    assert returncode == 0 and "Fatal Python error" not in app.stderr, app.stderr[-3000:]
+    # the exit hook waits tracing.EXIT_FLUSH_SECONDS (2 s), stops the exporter, waits
+    # EXIT_STOP_SECONDS (1 s) and leaves the request in flight to its daemon thread
     assert took < 6.0, f"exit took {took:.1f}s"
 
 

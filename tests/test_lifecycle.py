@@ -297,7 +297,7 @@ def test_close_stops_every_thread_and_hook_init_app_started() -> None:
         "sigtrace-tally",
         "sigtrace-otlp-metrics",
         "sigtrace-metrics",  # one server per app on port 0
-        "sigtrace-exit-deadline",
+        "sigtrace-exit-flush",
     }, report["running"]
     assert set(report["after_first_close"]) == set(report["running"])  # the second app's
     assert report["after_first_close"].count("sigtrace-metrics") == 1

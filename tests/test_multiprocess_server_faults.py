@@ -106,6 +106,14 @@ def assert_private(directory: Path) -> None:
             assert stat.S_IMODE(entry.lstat().st_mode) == 0o600, entry
 
 
+def remove_under_load(directory: Path) -> None:
+    """``rm -r`` as one step: renamed away first, so the workers writing into it
+    meanwhile cannot make the removal fail ("Directory not empty")."""
+    gone = directory.with_name(f"{directory.name}.removed-{os.urandom(4).hex()}")
+    directory.rename(gone)
+    shutil.rmtree(gone)
+
+
 def worker_pids(server: Server) -> set[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(server.proc.pid)],
@@ -162,7 +170,7 @@ def test_fault_matrix_under_load(tmp_path: Path, servers: list[Server]) -> None:
             assert error_count(samples, reason) >= 1, reason
 
         # 2. The directory removed under load: recreated 0700, published whole.
-        shutil.rmtree(directory)
+        remove_under_load(directory)
         load.wait_for(load.answered + 100)
         run_until(directory.exists, "the directory recreated")
         scrape_ok(gunicorn)
@@ -193,7 +201,7 @@ def test_fault_matrix_under_load(tmp_path: Path, servers: list[Server]) -> None:
         # 4. The directory replaced by a file: a worker still boots, requests
         # are answered, scrapes serve the worker's own values from memory.
         load = Load(gunicorn, answered)
-        shutil.rmtree(directory)
+        remove_under_load(directory)
         directory.write_text("not a directory")
         stop_one_worker(gunicorn)
         load.wait_for(load.answered + 50)
