@@ -17,6 +17,11 @@ twice for a fixed port reuses the running server, port 0 always binds a new
 one. A forked child (a gunicorn worker) inherits the table but not the
 serving thread: it reuses its parent's fixed-port server, which keeps running
 in the parent (see :mod:`sigtrace.gunicorn`), and never shuts it down.
+
+The server drops a connection that sends nothing for :data:`CONNECTION_TIMEOUT`
+seconds and serves at most :data:`MAX_CONNECTIONS` at once (a connection past
+that is closed at once): idle or slow clients cannot use up the threads and
+file descriptors of the process serving it (under gunicorn, the master).
 """
 
 from __future__ import annotations
@@ -59,6 +64,13 @@ Check = Callable[[t.Any], bool]
 """``metrics_auth``: gets the request (a ``flask.Request``), True lets it through."""
 
 _STOP_TIMEOUT = 5.0  # seconds to wait for the serving thread after shutdown
+
+CONNECTION_TIMEOUT = 10.0
+"""Seconds the exposition server waits on a connection's socket (a read or a
+write) before dropping it; Prometheus' default scrape timeout is 10 s too."""
+
+MAX_CONNECTIONS = 64
+"""Connections the exposition server serves at once, one thread each."""
 
 
 def published_totals(path: str) -> multiprocess_directory.PublishedTotalsCollector:
@@ -162,10 +174,49 @@ class ServerConflict(ValueError):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """wsgiref's handler without its line per request on stderr."""
+    """wsgiref's handler without its line per request on stderr, with a socket
+    timeout (``StreamRequestHandler.timeout``)."""
+
+    timeout = CONNECTION_TIMEOUT
 
     def log_message(self, format: str, *args: t.Any) -> None:
         return None
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's threading WSGI server, at most :data:`MAX_CONNECTIONS`
+    connections at once, quiet about clients that time out or go away.
+
+    Written here because neither prometheus-client's server nor socketserver
+    bounds its threads.
+    """
+
+    request_queue_size = 128  # the listen backlog (socketserver's 5 drops bursts of connects)
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().server_activate()
+
+    def process_request(self, request: t.Any, client_address: t.Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the limit: closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started
+            raise
+
+    def process_request_thread(self, request: t.Any, client_address: t.Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: t.Any, client_address: t.Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # a timeout, a reset: the client's
+            return
+        super().handle_error(request, client_address)
 
 
 class Page(t.Protocol):
@@ -228,7 +279,7 @@ def _bind(
     (it takes no app of ours): its threading WSGI server, IPv6 when ``addr`` is."""
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
 
-    class Server(ThreadingWSGIServer):
+    class Server(_BoundedServer):
         address_family = family
 
     return make_server(

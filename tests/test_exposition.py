@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
+import time
 import typing as t
 import urllib.error
 import urllib.request
@@ -240,3 +242,42 @@ def test_port_zero_binds_a_new_server_each_time(registry: CollectorRegistry) -> 
     finally:
         stop_server(first, "127.0.0.1")
     assert first != second
+
+
+def test_idle_connections_are_dropped_and_bounded_and_scrapes_answer_after(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Clients that connect and send nothing (a slowloris, a port scanner) hold
+    at most MAX_CONNECTIONS threads, each for CONNECTION_TIMEOUT; the rest are
+    closed at once, and nothing is printed for them."""
+    from sigtrace import exposition
+
+    timeout = 3.0
+    monkeypatch.setattr(exposition._QuietHandler, "timeout", timeout)
+    monkeypatch.setattr(exposition, "MAX_CONNECTIONS", 8)
+    port = start_server(0, "127.0.0.1", registry)
+    connected: dict[socket.socket, float] = {}
+    closed_after: dict[socket.socket, float] = {}  # seconds from connect to the server's close
+    try:
+        for _ in range(20):
+            connected[socket.create_connection(("127.0.0.1", port), timeout=5)] = time.monotonic()
+        deadline = time.monotonic() + 4 * timeout
+        while len(closed_after) < len(connected) and time.monotonic() < deadline:
+            waiting = [sock for sock in connected if sock not in closed_after]
+            readable, _, _ = select.select(waiting, [], [], 0.1)
+            now = time.monotonic()
+            for sock in readable:
+                assert sock.recv(1) == b""  # closed by the server, nothing sent
+                closed_after[sock] = now - connected[sock]
+        # A held connection cannot be dropped before its timeout; the others were
+        # closed long before it.
+        assert len(closed_after) == 20
+        assert (
+            sorted(after >= timeout for after in closed_after.values()) == [False] * 12 + [True] * 8
+        ), sorted(closed_after.values())
+        assert http_get(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    finally:
+        for sock in connected:
+            sock.close()
+        stop_server(port, "127.0.0.1")
+    assert "Traceback" not in capfd.readouterr().err
