@@ -1,7 +1,10 @@
 """Both listeners answer any ``Accept`` and ``Authorization`` header without a 500:
 the app route (``SIGTRACE_METRICS_PATH``) and the separate server
 (``SIGTRACE_METRICS_PORT``). A malformed, huge or unknown ``Accept`` gets the
-Prometheus text format; a wrong ``Authorization`` gets 401.
+Prometheus text format; a wrong ``Authorization`` gets 401. And any trace
+context headers (``traceparent``, ``tracestate``, ``baggage``) leave a traced
+request answered, its trace whole, under the parent OpenTelemetry's propagator
+reads from them or none.
 
 Headers are fuzzed with hypothesis: a grammar of media types and parameters
 (what prometheus-client parses, and how it can go wrong) and arbitrary
@@ -16,8 +19,13 @@ from collections.abc import Iterator
 import pytest
 from blinker import Namespace
 from flask import Flask
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
 from sigtrace import SigTrace
@@ -227,3 +235,86 @@ def test_no_authorization_gets_401_and_the_token_gets_the_metrics(
 ) -> None:
     assert GETTERS[listener](app, {})[0] == 401
     assert_served(*GETTERS[listener](app, {"Authorization": GOOD}))
+
+
+# --------------------------------------------------------------------------
+# Trace context headers
+
+hex_text = st.text(st.sampled_from("0123456789abcdefABCDEF-x"), min_size=0, max_size=40)
+traceparent = (
+    st.builds(
+        "{}-{}-{}-{}".format,
+        st.sampled_from(["00", "01", "ff", "0", "zz"]),
+        st.sampled_from(["0" * 32, "ab" * 16]) | hex_text,
+        st.sampled_from(["0" * 16, "cd" * 8]) | hex_text,
+        st.sampled_from(["00", "01", "ff", "1", ""]),
+    )
+    | header_text
+)
+entry = st.builds("{}={}".format, header_text, header_text)
+trace_list = st.builds(",".join, st.lists(entry, max_size=40)) | header_text
+context_headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "traceparent": traceparent,
+        "tracestate": trace_list | st.just("k=" + "v" * 10_000),
+        "baggage": trace_list | st.just(",".join(f"k{i}=v" for i in range(5_000))),
+    },
+)
+traced_ping = NS.signal("headers-traced-ping")
+
+
+@pytest.mark.parametrize("spans", ["all", "slow"])
+def test_any_trace_context_headers_leave_the_request_answered_and_its_trace_whole(
+    registry: CollectorRegistry, spans: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Flask("headers-traced")
+    app.config.update(SIGTRACE_SPANS=spans, SIGTRACE_SLOW_THRESHOLD=0.000001)
+
+    @app.route("/ping")
+    def ping_view() -> str:
+        traced_ping.send(None)
+        return format(get_current_span().get_span_context().trace_id, "032x")
+
+    traced_ping.connect(lambda sender: None, weak=False)
+    ext = SigTrace(app, registry=registry, tracer_provider=provider)
+    client = app.test_client()
+    propagator = TraceContextTextMapPropagator()
+
+    @FUZZ
+    @given(headers=context_headers)
+    @example(headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01", "tracestate": "k=v"})
+    @example(headers={"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-00", "baggage": "k=v"})
+    @example(headers={"traceparent": f"00-{'0' * 32}-{'cd' * 8}-01"})
+    def check(headers: dict[str, str]) -> None:
+        exporter.clear()
+        response = client.get("/ping", headers={k: as_wsgi(v) for k, v in headers.items()})
+        assert response.status_code == 200
+        finished = exporter.get_finished_spans()
+        # the parent is what OpenTelemetry's own propagator reads, or none
+        carrier = {k: as_wsgi(v) for k, v in headers.items()}
+        parent = get_current_span(propagator.extract(carrier)).get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            assert not finished  # the caller's decision: not sampled, the trace id kept
+            assert response.text == format(parent.trace_id, "032x")
+            return
+        (request,) = [span for span in finished if span.name == "GET /ping"]
+        assert response.text == format(request.context.trace_id, "032x")
+        if parent.is_valid:
+            assert request.parent == parent
+        else:
+            assert request.parent is None
+        # the trace is whole: every span of it descends from the request span
+        ids = {span.context.span_id: span for span in finished}
+        for span in finished:
+            assert span.context.trace_id == request.context.trace_id
+            if span is not request:
+                assert span.parent is not None and span.parent.span_id in ids
+
+    try:
+        check()
+    finally:
+        ext.close()
