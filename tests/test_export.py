@@ -337,7 +337,8 @@ def test_an_endpoint_that_never_answers_holds_up_neither_requests_nor_exit(
     protocol: str,
 ) -> None:
     """A collector that accepts the connection and then says nothing (hung, or
-    a firewall that drops replies) with the default 10 s export timeout."""
+    a firewall that drops replies) with the default 10 s export timeouts, for
+    spans and for metrics over OTLP."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
@@ -346,6 +347,8 @@ def test_an_endpoint_that_never_answers_holds_up_neither_requests_nor_exit(
             OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{listener.getsockname()[1]}",
             OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
             OTEL_SERVICE_NAME=SERVICE,
+            OTEL_METRICS_EXPORTER="otlp",
+            OTEL_METRIC_EXPORT_INTERVAL="200",
         )
         del env["OTEL_EXPORTER_OTLP_TIMEOUT"]
         with running_app(env) as app:
@@ -361,8 +364,10 @@ def test_an_endpoint_that_never_answers_holds_up_neither_requests_nor_exit(
     # a clean exit, the export in flight abandoned without a crash at finalization
     assert returncode == 0 and "Fatal Python error" not in app.stderr, app.stderr[-3000:]
     # the exit hook waits tracing.EXIT_FLUSH_SECONDS (2 s), stops the exporter, waits
-    # EXIT_STOP_SECONDS (1 s) and leaves the request in flight to its daemon thread
-    assert took < 6.0, f"exit took {took:.1f}s"
+    # EXIT_STOP_SECONDS (1 s) and leaves the request in flight to its daemon thread;
+    # the metrics' stop waits at most 2 * otlp_metrics.EXIT_EXPORT_SECONDS (4 s):
+    # about 7 s in all (docs/limits.md), plus the interpreter's own exit
+    assert took < 8.0, f"exit took {took:.1f}s"
 
 
 # --------------------------------------------------------------------------
