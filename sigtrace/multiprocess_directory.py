@@ -88,6 +88,7 @@ from . import multiprocess_format as fmt
 __all__ = [
     "ARCHIVE_NAME",
     "ENV",
+    "ERRORS_NAME",
     "LOCK_NAME",
     "LOCK_TIMEOUT",
     "LockTimeout",
@@ -102,9 +103,9 @@ __all__ = [
     "error_counts",
     "errors_document",
     "errors_family",
+    "publish_errors",
     "reader",
     "recreate",
-    "publish_errors",
     "report",
     "share",
     "stale_files",
