@@ -177,6 +177,24 @@ class Prometheus:
         return results
 
 
+def scraping(job: str, port: int, rules: bool = False) -> dict[str, t.Any]:
+    """A Prometheus config: ``job`` scrapes ``127.0.0.1:port/metrics`` every
+    second; with ``rules``, grafana/rules evaluated every second."""
+    config: dict[str, t.Any] = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+            }
+        ],
+    }
+    if rules:
+        config["rule_files"] = [str(path) for path in RULE_FILES]
+    return config
+
+
 @contextmanager
 def running_prometheus(
     binary: str, work: Path, data: Path, config: dict[str, t.Any]
@@ -209,17 +227,7 @@ def running_prometheus(
 def prometheus(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     binary = require_tool("prometheus")
     work = tmp_path_factory.mktemp("prometheus")
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(path) for path in RULE_FILES],
-        "scrape_configs": [
-            {
-                "job_name": JOB,
-                "metrics_path": "/metrics",
-                "static_configs": [{"targets": [f"127.0.0.1:{demo.port}"]}],
-            }
-        ],
-    }
+    config = scraping(JOB, demo.port, rules=True)
     with running_prometheus(binary, work, work / "data", config) as (proc, server):
 
         def ready() -> bool:
@@ -489,15 +497,7 @@ def test_exemplars_from_both_gunicorn_workers_reach_prometheus(tmp_path: Path) -
 
 
 def _check_exemplars_of_both_workers(binary: str, gunicorn: t.Any, tmp_path: Path) -> None:
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "gunicorn",
-                "static_configs": [{"targets": [f"127.0.0.1:{gunicorn.port}"]}],
-            }
-        ],
-    }
+    config = scraping("gunicorn", gunicorn.port)
     with running_prometheus(binary, tmp_path, tmp_path / "prometheus", config) as (proc, server):
         served: dict[str, int] = {}  # trace id -> pid of the worker that served it
         stop_load = threading.Event()
@@ -565,16 +565,7 @@ def test_the_multiprocess_errors_alert_goes_pending_on_a_gunicorn_servers_failur
     servers.append(gunicorn)
     gunicorn.load_every_worker(10)
     (gunicorn.prometheus_dir / f"sigtrace-{os.getpid()}-0badf11e.json").write_text("{not json")
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(path) for path in RULE_FILES],
-        "scrape_configs": [
-            {
-                "job_name": "gunicorn",
-                "static_configs": [{"targets": [f"127.0.0.1:{gunicorn.port}"]}],
-            }
-        ],
-    }
+    config = scraping("gunicorn", gunicorn.port, rules=True)
     work = tmp_path / "prometheus-server"  # "prometheus" is gunicorn's directory
     work.mkdir()
     with running_prometheus(binary, work, work / "data", config) as (proc, server):
