@@ -159,7 +159,7 @@ class _Errors:
         """This process's errors file: a process file holding only these counts."""
         self.pid = os.getpid()
         self.name = f"sigtrace-{self.pid}-{secrets.token_hex(6)}.json"
-        self.written: dict[str, float] = {}  # the counts in the file
+        self.written: list[fmt.Family] = []  # what the file holds
         self.write_lock = threading.Lock()  # one writer at a time: never an older version last
 
     def report(self, reason: str, where: str, detail: object) -> None:
@@ -242,11 +242,10 @@ def publish_errors(path: str) -> None:
             return  # the usual case: one attribute read
         with errors.write_lock:
             name, document = errors_document()
-            counts = {s["labels"][0]: s["value"] for f in document["families"] for s in f["series"]}
-            if not counts or counts == errors.written:
+            if document["families"] == errors.written:
                 return
             write_private(path, name, fmt.encode(document))
-            errors.written = counts
+            errors.written = document["families"]
     except Exception as error:
         log.debug("sigtrace: cannot write this process's error counts to %s: %r", path, error)
 
