@@ -114,6 +114,22 @@ def remove_under_load(directory: Path) -> None:
     shutil.rmtree(gone)
 
 
+def replace_with_a_file(directory: Path) -> None:
+    """The directory replaced by a file, under load: a worker may recreate the
+    removed directory first, so the file is renamed into place (which fails on
+    a directory) until it is there."""
+    file = directory.with_name(f"{directory.name}.file")
+    for _ in range(100):
+        remove_under_load(directory)
+        file.write_text("not a directory")
+        try:
+            os.rename(file, directory)
+            return
+        except IsADirectoryError:
+            continue  # recreated meanwhile
+    raise AssertionError(f"{directory} kept being recreated")
+
+
 def worker_pids(server: Server) -> set[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(server.proc.pid)],
@@ -201,8 +217,7 @@ def test_fault_matrix_under_load(tmp_path: Path, servers: list[Server]) -> None:
         # 4. The directory replaced by a file: a worker still boots, requests
         # are answered, scrapes serve the worker's own values from memory.
         load = Load(gunicorn, answered)
-        remove_under_load(directory)
-        directory.write_text("not a directory")
+        replace_with_a_file(directory)
         stop_one_worker(gunicorn)
         load.wait_for(load.answered + 50)
         samples = scrape_ok(gunicorn)
